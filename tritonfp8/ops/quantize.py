@@ -1,0 +1,544 @@
+"""The fp8 cast: scale, amax, nearest / stochastic rounding, saturation count and
+an optional transposed copy, in one pass over x (numerics.md sections 2 to 4).
+
+Two implementations of the same numerics live here side by side:
+
+* ``_quantize_kernel`` (Triton): one program per tile of the [M, K] view reads
+  its tile of x once and writes every output of it: the fp8 codes, the scales of
+  the groups it owns, the transposed codes, the amax and the saturation counts.
+  Current scaling over a whole tensor, row or column needs the amax of data
+  outside the tile, so those modes run ``_amax_kernel`` first (x is then read
+  twice; block and MX scales are computed inside the tile).
+* :func:`quantize_reference` (PyTorch): the whole tensor at once, written from
+  the contract, shared by the CPU path, the tests and the benchmarks.
+
+The public entry is :func:`quantize`; it dispatches through the
+``tritonfp8::quantize`` torch.library op to the backend of x's device.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import backend as _backend
+from ..formats import E8M0, Format, get_format
+from ..tensor import FP8Tensor, Scaling
+from .rounding import (
+    abs_nan_as_inf,
+    abs_nan_as_inf_reference,
+    codes_to_tensor,
+    e8m0_from_amax,
+    e8m0_from_amax_reference,
+    inv_scale_from_amax,
+    inv_scale_from_amax_reference,
+    inv_scale_from_scale,
+    inv_scale_from_scale_reference,
+    mx_max_frac,
+    philox_reference,
+    round_to_code,
+    round_to_code_reference,
+)
+
+ROUNDINGS = ("nearest", "stochastic")
+SEED_LIMIT = 2**63
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# How a head (the normal output, or the transposed copy) finds its scale, in the
+# coordinates of x's [M, K] view. Global modes read an amax computed beforehand;
+# TILE_* modes compute the amax of groups that lie inside one tile.
+MODE_NONE = tl.constexpr(0)
+MODE_TENSOR = tl.constexpr(1)
+MODE_ROW = tl.constexpr(2)
+MODE_COL = tl.constexpr(3)
+MODE_TILE_ROWS = tl.constexpr(4)  # groups of 1 x TILE_K
+MODE_TILE_COLS = tl.constexpr(5)  # groups of TILE_M x 1
+MODE_TILE = tl.constexpr(6)  # groups of TILE_M x TILE_K
+_GLOBAL_MODES = (1, 2, 3)
+
+# ----------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _amax_kernel(
+    x_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,  # pointers
+    M, K,  # sizes
+    stride_xm, stride_xk,  # strides
+    ROWS: tl.constexpr, COLS: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr,
+):
+    """Max |x| (NaN counted as +inf) over the tensor, and per row / per column on request."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * TILE_M + tl.arange(0, TILE_M)
+    offs_k = pid_k * TILE_K + tl.arange(0, TILE_K)
+    mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+    absx = abs_nan_as_inf(x.to(tl.float32))
+    tl.atomic_max(amax_ptr, tl.max(tl.max(absx, axis=1), axis=0))
+    if ROWS:
+        tl.atomic_max(amax_rows_ptr + offs_m, tl.max(absx, axis=1), mask=offs_m < M)
+    if COLS:
+        tl.atomic_max(amax_cols_ptr + offs_k, tl.max(absx, axis=0), mask=offs_k < K)
+
+
+@triton.jit
+def _quantize_head(
+    x, absx, rand, offs_m, offs_k, pid_m, pid_k, M, K,
+    out_ptr, scale_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
+    stride_sm, stride_sk,
+    MODE: tl.constexpr, GIVEN_SCALE: tl.constexpr, E8M0_SCALE: tl.constexpr, TRANSPOSED: tl.constexpr,
+    EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, MAX_CODE: tl.constexpr,
+    INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr,
+    STOCHASTIC: tl.constexpr, SATURATE: tl.constexpr, POW2: tl.constexpr,
+    FMAX_MARGIN: tl.constexpr, EMAX: tl.constexpr, MX_MAX_FRAC: tl.constexpr,
+):
+    """Scale, round and store one output of a tile; returns its count of overflowed values.
+
+    TRANSPOSED stores x^T as a contiguous [K, M] tensor (the tile is transposed in
+    registers first so that the store stays coalesced).
+    """
+    in_m = offs_m < M
+    in_k = offs_k < K
+    y = x
+    if MODE != MODE_NONE:
+        # Index of each element's scale group, in the coordinates of x.
+        if (MODE == MODE_ROW) or (MODE == MODE_TILE_ROWS):
+            gm = offs_m[:, None]
+        elif (MODE == MODE_TILE_COLS) or (MODE == MODE_TILE):
+            gm = pid_m
+        else:
+            gm = 0
+        if (MODE == MODE_COL) or (MODE == MODE_TILE_COLS):
+            gk = offs_k[None, :]
+        elif (MODE == MODE_TILE_ROWS) or (MODE == MODE_TILE):
+            gk = pid_k
+        else:
+            gk = 0
+        # Groups inside the tensor, and those whose scale this program writes (each exactly once).
+        if (MODE == MODE_ROW) or (MODE == MODE_TILE_ROWS):
+            valid = in_m[:, None]
+        elif (MODE == MODE_COL) or (MODE == MODE_TILE_COLS):
+            valid = in_k[None, :]
+        else:
+            valid = pid_m >= 0
+        if MODE == MODE_TENSOR:
+            owner = valid & (pid_m == 0) & (pid_k == 0)
+        elif MODE == MODE_ROW:
+            owner = valid & (pid_k == 0)
+        elif MODE == MODE_COL:
+            owner = valid & (pid_m == 0)
+        else:
+            owner = valid
+        scale_ptrs = scale_ptr + gm * stride_sm + gk * stride_sk
+        if GIVEN_SCALE:
+            inv = inv_scale_from_scale(tl.load(scale_ptrs, mask=valid, other=1.0))
+        else:
+            if MODE == MODE_TENSOR:
+                amax = tl.load(amax_ptr)
+            elif MODE == MODE_ROW:
+                amax = tl.load(amax_rows_ptr + offs_m, mask=in_m, other=0.0)[:, None]
+            elif MODE == MODE_COL:
+                amax = tl.load(amax_cols_ptr + offs_k, mask=in_k, other=0.0)[None, :]
+            elif MODE == MODE_TILE_ROWS:
+                amax = tl.max(absx, axis=1)[:, None]
+            elif MODE == MODE_TILE_COLS:
+                amax = tl.max(absx, axis=0)[None, :]
+            else:
+                amax = tl.max(tl.max(absx, axis=1), axis=0)
+            if E8M0_SCALE:
+                inv, scale_code = e8m0_from_amax(amax, EMAX, MX_MAX_FRAC)
+                tl.store(scale_ptrs, scale_code.to(tl.uint8), mask=owner)
+            else:
+                inv, scale = inv_scale_from_amax(amax, FMAX_MARGIN, POW2)
+                tl.store(scale_ptrs, scale, mask=owner)
+        y = x * inv
+    code, overflow = round_to_code(y, rand, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE)
+    mask = in_m[:, None] & in_k[None, :]
+    if TRANSPOSED:
+        tl.store(
+            out_ptr + offs_k[:, None] * M + offs_m[None, :],
+            tl.trans(code).to(tl.uint8),
+            mask=in_k[:, None] & in_m[None, :],
+        )
+    else:
+        tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], code.to(tl.uint8), mask=mask)
+    return tl.sum(tl.sum((overflow & mask).to(tl.int32), axis=1), axis=0)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _quantize_kernel(
+    # pointers
+    x_ptr, out_ptr, scale_ptr, out_t_ptr, scale_t_ptr,
+    amax_ptr, amax_rows_ptr, amax_cols_ptr, saturated_ptr,
+    # sizes
+    M, K, seed,
+    # strides
+    stride_xm, stride_xk, stride_sm, stride_sk, stride_tsm, stride_tsk,
+    # modes
+    MODE: tl.constexpr, MODE_T: tl.constexpr, GIVEN_SCALE: tl.constexpr,
+    TRANSPOSE: tl.constexpr, RECORD_AMAX: tl.constexpr, E8M0_SCALE: tl.constexpr,
+    # format and rounding
+    EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, MAX_CODE: tl.constexpr,
+    INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr,
+    STOCHASTIC: tl.constexpr, SATURATE: tl.constexpr, POW2: tl.constexpr,
+    FMAX_MARGIN: tl.constexpr, EMAX: tl.constexpr, MX_MAX_FRAC: tl.constexpr,
+    # tile
+    TILE_M: tl.constexpr, TILE_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * TILE_M + tl.arange(0, TILE_M)
+    offs_k = pid_k * TILE_K + tl.arange(0, TILE_K)
+    mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    absx = abs_nan_as_inf(x)
+    if RECORD_AMAX:
+        tl.atomic_max(amax_ptr, tl.max(tl.max(absx, axis=1), axis=0))
+    if STOCHASTIC:
+        # Philox keyed by (seed, element offset in x's [M, K] view); the normal
+        # output takes the first of its four words, the transposed copy the second.
+        rand, rand_t, _, _ = tl.randint4x(seed, offs_m.to(tl.int64)[:, None] * K + offs_k[None, :])
+    else:
+        rand = 0
+        rand_t = 0
+    saturated = _quantize_head(
+        x, absx, rand, offs_m, offs_k, pid_m, pid_k, M, K,
+        out_ptr, scale_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, stride_sm, stride_sk,
+        MODE, GIVEN_SCALE, E8M0_SCALE, False,
+        EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX, MX_MAX_FRAC,
+    )
+    tl.atomic_add(saturated_ptr, saturated)
+    if TRANSPOSE:
+        saturated_t = _quantize_head(
+            x, absx, rand_t, offs_m, offs_k, pid_m, pid_k, M, K,
+            out_t_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, stride_tsm, stride_tsk,
+            MODE_T, GIVEN_SCALE, E8M0_SCALE, True,
+            EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX, MX_MAX_FRAC,
+        )
+        tl.atomic_add(saturated_ptr + 1, saturated_t)
+
+
+# ----------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------
+
+# Tile for modes whose groups do not constrain it: (rows, cols), and the square
+# tile used when a transposed copy is emitted (its store is transposed in registers).
+DEFAULT_TILE = (32, 128)
+DEFAULT_TILE_TRANSPOSED = (64, 64)
+
+
+def _head_mode(scaling: Scaling) -> int:
+    """The kernel mode that computes ``scaling``'s groups on x's [M, K] view."""
+    if scaling.kind in ("block", "mx"):
+        bm, bk = scaling.block
+        return int(MODE_TILE_ROWS) if bm == 1 else int(MODE_TILE_COLS) if bk == 1 else int(MODE_TILE)
+    return {"none": 0, "tensor": 1, "row": 2, "col": 3}[scaling.kind]
+
+
+def quantize_tile(scaling: Scaling, transpose: bool) -> tuple[int, int]:
+    """(TILE_M, TILE_K) of the cast kernel for a scaling; a block's size fixes the tiled dims."""
+    if scaling.kind not in ("block", "mx"):
+        return DEFAULT_TILE_TRANSPOSED if transpose else DEFAULT_TILE
+    size = max(scaling.block)
+    if transpose:
+        return (size, size)
+    bm, bk = scaling.block
+    # The other dim is free: fill the tile to 4096 elements.
+    return (bm if bm > 1 else 4096 // size, bk if bk > 1 else 4096 // size)
+
+
+def quantize_meta(fmt: Format, scaling: Scaling, rounding: str, saturate: bool, transpose: bool,
+                  given_scale: bool, margin: int, power_of_two: bool) -> dict:
+    """The constexpr arguments of ``_quantize_kernel`` (also used to compile it ahead of time)."""
+    mode = _head_mode(scaling)
+    mode_t = _head_mode(scaling.transposed()) if transpose else 0
+    tile_m, tile_k = quantize_tile(scaling, transpose)
+    needs_prepass = not given_scale and (mode in _GLOBAL_MODES or mode_t in _GLOBAL_MODES)
+    return dict(
+        MODE=mode, MODE_T=mode_t, GIVEN_SCALE=given_scale, TRANSPOSE=transpose,
+        RECORD_AMAX=not needs_prepass, E8M0_SCALE=scaling.is_mx,
+        EXP_BITS=fmt.exp_bits, MAN_BITS=fmt.man_bits, MAX_CODE=fmt.max_code,
+        INF_CODE=fmt.inf_code, NAN_CODE=fmt.nan_code,
+        STOCHASTIC=rounding == "stochastic", SATURATE=saturate, POW2=power_of_two,
+        FMAX_MARGIN=fmt.max * 2.0**-margin, EMAX=fmt.emax, MX_MAX_FRAC=mx_max_frac(fmt),
+        TILE_M=tile_m, TILE_K=tile_k,
+    )
+
+
+def _empty_scale(scaling: Scaling, m: int, k: int, device) -> torch.Tensor:
+    shape = scaling.scale_shape(m, k)
+    if scaling.is_mx:
+        return torch.empty(shape, dtype=torch.uint8, device=device).view(E8M0.torch_dtype)
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def _quantize_triton(x, fmt, rounding, scaling, seed, saturate, transpose, scale, margin, power_of_two):
+    m, k = x.shape
+    device = x.device
+    meta = quantize_meta(fmt, scaling, rounding, saturate, transpose, scale is not None, margin, power_of_two)
+    out = torch.empty((m, k), dtype=torch.uint8, device=device)
+    out_scale = scale.clone() if scale is not None else _empty_scale(scaling, m, k, device)
+    if scaling.kind == "none":
+        out_scale = torch.ones((), dtype=torch.float32, device=device)
+    if transpose:
+        out_t = torch.empty((k, m), dtype=torch.uint8, device=device)
+        out_scale_t = scale.clone() if scale is not None else _empty_scale(scaling, k, m, device)
+        if scaling.kind == "none":
+            out_scale_t = torch.ones((), dtype=torch.float32, device=device)
+    else:
+        out_t = torch.empty((0, 0), dtype=torch.uint8, device=device)
+        out_scale_t = torch.empty((0,), dtype=torch.float32, device=device)
+    amax = torch.zeros((), dtype=torch.float32, device=device)
+    saturated = torch.zeros((2,), dtype=torch.int32, device=device)
+    modes = (meta["MODE"], meta["MODE_T"])
+    amax_rows = torch.zeros((m,) if int(MODE_ROW) in modes else (1,), dtype=torch.float32, device=device)
+    amax_cols = torch.zeros((k,) if int(MODE_COL) in modes else (1,), dtype=torch.float32, device=device)
+    tile_m, tile_k = meta["TILE_M"], meta["TILE_K"]
+    grid = (triton.cdiv(m, tile_m), triton.cdiv(k, tile_k))
+    if not meta["RECORD_AMAX"]:
+        _amax_kernel[grid](
+            x_ptr=x, amax_ptr=amax, amax_rows_ptr=amax_rows, amax_cols_ptr=amax_cols,
+            M=m, K=k, stride_xm=x.stride(0), stride_xk=x.stride(1),
+            ROWS=int(MODE_ROW) in modes, COLS=int(MODE_COL) in modes, TILE_M=tile_m, TILE_K=tile_k,
+        )
+    # Scale strides in x's coordinates; the transposed copy's scale is laid out on [K, M].
+    def strides(s, transposed):
+        if s.dim() < 2:
+            return 0, 0
+        return (s.stride(1), s.stride(0)) if transposed else (s.stride(0), s.stride(1))
+
+    stride_sm, stride_sk = strides(out_scale, False)
+    stride_tsm, stride_tsk = strides(out_scale_t, True)
+    scale_arg = out_scale.view(torch.uint8) if scaling.is_mx else out_scale
+    scale_t_arg = out_scale_t.view(torch.uint8) if (scaling.is_mx and transpose) else out_scale_t
+    _quantize_kernel[grid](
+        x_ptr=x, out_ptr=out, scale_ptr=scale_arg, out_t_ptr=out_t, scale_t_ptr=scale_t_arg,
+        amax_ptr=amax, amax_rows_ptr=amax_rows, amax_cols_ptr=amax_cols, saturated_ptr=saturated,
+        M=m, K=k, seed=seed,
+        stride_xm=x.stride(0), stride_xk=x.stride(1),
+        stride_sm=stride_sm, stride_sk=stride_sk, stride_tsm=stride_tsm, stride_tsk=stride_tsk,
+        **meta,
+    )
+    return [out.view(fmt.torch_dtype), out_scale, amax, saturated, out_t.view(fmt.torch_dtype), out_scale_t]
+
+
+# ----------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------
+
+
+def _group_amax_reference(absx: torch.Tensor, gm: int, gk: int) -> torch.Tensor:
+    """Max over each gm x gk group of an [R, C] tensor -> [ceil(R/gm), ceil(C/gk)]."""
+    r, c = absx.shape
+    rp, cp = -(-r // gm) * gm, -(-c // gk) * gk
+    padded = torch.nn.functional.pad(absx, (0, cp - c, 0, rp - r))
+    return padded.reshape(rp // gm, gm, cp // gk, gk).amax(dim=(1, 3))
+
+
+def _quantize_head_reference(x, rand, fmt, scaling, stochastic, saturate, given_scale, margin, power_of_two):
+    """Quantize an [R, C] fp32 tensor with ``scaling`` on its own axes -> (data, scale, overflow count)."""
+    r, c = x.shape
+    if scaling.kind == "none":
+        y = x
+        scale = torch.ones((), dtype=torch.float32, device=x.device)
+    else:
+        gm, gk = scaling.group_shape(r, c)
+        if given_scale is not None:
+            scale = given_scale.clone()
+            inv = inv_scale_from_scale_reference(scale).reshape(scaling.scale_shape(r, c) or (1, 1))
+        else:
+            amax = _group_amax_reference(abs_nan_as_inf_reference(x), gm, gk)
+            if scaling.is_mx:
+                inv, code = e8m0_from_amax_reference(amax, fmt)
+                scale = code.to(torch.uint8).view(E8M0.torch_dtype)
+            else:
+                inv, scale = inv_scale_from_amax_reference(amax, fmt.max * 2.0**-margin, power_of_two)
+                scale = scale.reshape(scaling.scale_shape(r, c))
+        y = x * inv.repeat_interleave(gm, 0)[:r].repeat_interleave(gk, 1)[:, :c]
+    code, overflow = round_to_code_reference(y, rand, fmt, stochastic, saturate)
+    return codes_to_tensor(code, fmt), scale, overflow.sum().to(torch.int32)
+
+
+def quantize_reference(x, fmt, rounding, scaling, seed, saturate, transpose, scale, margin, power_of_two):
+    """Pure-PyTorch twin of the cast kernel on a 2-D x [M, K] (M, K >= 1).
+
+    Returns [data [M, K], scale, amax [], saturated [2] (normal, transposed),
+    data_t [K, M] (or empty), scale_t (or empty)].
+    """
+    x = x.float()
+    m, k = x.shape
+    stochastic = rounding == "stochastic"
+    rand = rand_t = None
+    if stochastic:
+        offsets = torch.arange(m * k, dtype=torch.int64, device=x.device).reshape(m, k)
+        rand, rand_t, _, _ = philox_reference(seed, offsets)
+    amax = abs_nan_as_inf_reference(x).amax()
+    data, out_scale, sat = _quantize_head_reference(x, rand, fmt, scaling, stochastic, saturate, scale, margin, power_of_two)
+    if transpose:
+        data_t, scale_t, sat_t = _quantize_head_reference(
+            x.t(), None if rand_t is None else rand_t.t(), fmt, scaling, stochastic, saturate,
+            scale, margin, power_of_two,
+        )
+    else:
+        data_t = torch.empty((0, 0), dtype=fmt.torch_dtype, device=x.device)
+        scale_t = torch.empty((0,), dtype=torch.float32, device=x.device)
+        sat_t = torch.zeros((), dtype=torch.int32, device=x.device)
+    return [data, out_scale, amax, torch.stack([sat, sat_t]), data_t, scale_t]
+
+
+# ----------------------------------------------------------------------------
+# torch.library op and the public function
+# ----------------------------------------------------------------------------
+
+
+@torch.library.custom_op("tritonfp8::quantize", mutates_args=())
+def quantize_op(
+    x: torch.Tensor, fmt: str, rounding: str, scaling: str, seed: int, saturate: bool, transpose: bool,
+    scale: Optional[torch.Tensor], margin: int, power_of_two: bool,
+) -> list[torch.Tensor]:
+    """The cast on a 2-D x [M, K] with M, K >= 1; see :func:`quantize`."""
+    impl = quantize_reference if _backend.resolve(x.device) == "torch" else _quantize_triton
+    return impl(x, get_format(fmt), rounding, Scaling.parse(scaling), seed, saturate, transpose, scale, margin, power_of_two)
+
+
+@quantize_op.register_fake
+def _(x, fmt, rounding, scaling, seed, saturate, transpose, scale, margin, power_of_two):
+    f = get_format(fmt)
+    s = Scaling.parse(scaling)
+    m, k = x.shape
+
+    def scale_like(sc, rows, cols):
+        if sc.kind == "none":
+            return x.new_empty((), dtype=torch.float32)
+        dtype = E8M0.torch_dtype if sc.is_mx else torch.float32
+        return x.new_empty(sc.scale_shape(rows, cols), dtype=dtype)
+
+    data_t = x.new_empty((k, m) if transpose else (0, 0), dtype=f.torch_dtype)
+    scale_t = scale_like(s, k, m) if transpose else x.new_empty((0,), dtype=torch.float32)
+    return [
+        x.new_empty((m, k), dtype=f.torch_dtype), scale_like(s, m, k), x.new_empty((), dtype=torch.float32),
+        x.new_empty((2,), dtype=torch.int32), data_t, scale_t,
+    ]
+
+
+def _validate(x, fmt, rounding, scaling, seed, transpose, scale, margin):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"quantize expects a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _INPUT_DTYPES:
+        hint = " (convert float64 to float32 first: rounding through float32 would round twice)" if x.dtype == torch.float64 else ""
+        raise TypeError(f"quantize takes float32, bfloat16 or float16 tensors, got {x.dtype}{hint}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; use one of {ROUNDINGS}")
+    if scaling.kind not in ("none", "tensor") and x.dim() < 2:
+        raise ValueError(
+            f"scaling {scaling} groups the [M, K] view of a tensor and needs at least 2 dimensions, "
+            f"got a {x.dim()}-d tensor of shape {tuple(x.shape)}; use scaling='tensor' or reshape to [M, K]"
+        )
+    if transpose and x.dim() < 2:
+        raise ValueError(f"transpose=True needs at least 2 dimensions, got shape {tuple(x.shape)}")
+    if rounding == "stochastic":
+        if seed is None:
+            raise ValueError("rounding='stochastic' needs seed=<int> (e.g. the step number); the same seed gives the same bits")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if not isinstance(margin, int) or isinstance(margin, bool):
+        raise TypeError(f"margin must be an int (powers of two of headroom), got {margin!r}")
+    if scale is not None:
+        if scaling.kind not in ("tensor", "row", "col"):
+            raise ValueError(f"scale= (delayed scaling) works with scaling 'tensor', 'row' or 'col', not {scaling}")
+        if transpose and scaling.kind != "tensor":
+            raise ValueError("transpose=True with a given row/col scale is not supported: the transposed copy needs its own scales")
+        k = x.shape[-1]
+        m = x.numel() // k if k else 0
+        want = scaling.scale_shape(m, k)
+        if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or tuple(scale.shape) != want:
+            got = f"{scale.dtype} {tuple(scale.shape)}" if isinstance(scale, torch.Tensor) else type(scale).__name__
+            raise ValueError(f"scale for scaling {scaling} on [{m}, {k}] must be a float32 tensor of shape {want}, got {got}")
+        if scale.device != x.device:
+            raise ValueError(f"scale is on {scale.device} but x is on {x.device}")
+
+
+def _empty_result(x, fmt, scaling, transpose, m, k, scale):
+    """Outputs for a tensor with no elements (no kernel runs)."""
+    def ones(sc, rows, cols):
+        if scale is not None:
+            return scale.clone()
+        if sc.kind in ("none", "tensor"):
+            return torch.ones((), dtype=torch.float32, device=x.device)
+        if sc.is_mx:
+            return torch.full(sc.scale_shape(rows, cols), 127, dtype=torch.uint8, device=x.device).view(E8M0.torch_dtype)
+        return torch.ones(sc.scale_shape(rows, cols), dtype=torch.float32, device=x.device)
+
+    data_t = torch.empty((k, m), dtype=fmt.torch_dtype, device=x.device) if transpose else None
+    return [
+        torch.empty((m, k), dtype=fmt.torch_dtype, device=x.device), ones(scaling, m, k),
+        torch.zeros((), dtype=torch.float32, device=x.device), torch.zeros((2,), dtype=torch.int32, device=x.device),
+        data_t, ones(scaling, k, m) if transpose else None,
+    ]
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt="e5m2",
+    rounding: str = "nearest",
+    scaling="none",
+    seed: Optional[int] = None,
+    saturate: bool = True,
+    transpose: bool = False,
+    *,
+    scale: Optional[torch.Tensor] = None,
+    margin: int = 0,
+    power_of_two: bool = False,
+) -> FP8Tensor:
+    """Quantize x to fp8: ``x ~= q.data * q.scale``, rounding once from x's dtype.
+
+    Args:
+        x: float32 / bfloat16 / float16 tensor of any shape ``[..., K]``; scales are
+            described on its 2-D view ``[M, K]`` (M = product of leading dims).
+            Any strides (a 2-D transposed view is read in place).
+        fmt: "e5m2" or "e4m3" (or ``tf8.E5M2`` / ``tf8.E4M3``).
+        rounding: "nearest" (ties to even) or "stochastic" (exact, Philox keyed by
+            (seed, element offset)).
+        scaling: "none" (scale 1), "tensor" ([]), "row" ([M, 1]), "col" ([1, K]),
+            a block (bm, bk) such as (1, 128) -> [M, ceil(K/128)] or (128, 128) ->
+            [ceil(M/128), ceil(K/128)], or "mx" (1 x 32 blocks, E8M0 power-of-two
+            scale [M, ceil(K/32)]).
+        seed: int in [0, 2**63); required for stochastic rounding.
+        saturate: finite values that round above ``fmt.max`` become +-max (True) or
+            Inf (E5M2) / NaN (E4M3) (False). Either way they are counted.
+        transpose: also emit ``q.transposed``, x^T [K, M] quantized with the same
+            scaling applied to x^T, from the same pass (for the backward products).
+        scale: delayed scaling: use this fp32 dequantization scale (shape as for the
+            scaling; "tensor", "row" or "col") instead of one from x's amax.
+        margin: current scaling leaves 2**margin of headroom: scale = amax / (max * 2**-margin).
+        power_of_two: round current scales to powers of two (scaling is then exact).
+
+    Returns:
+        :class:`FP8Tensor` with data (x's shape), scale, amax ([] fp32, max |x|,
+        +inf if x has NaN/Inf), saturated ([] int32) and transposed.
+    """
+    fmt = get_format(fmt)
+    scaling = Scaling.parse(scaling)
+    _validate(x, fmt, rounding, scaling, seed, transpose, scale, margin)
+    shape = x.shape
+    k = shape[-1] if x.dim() else 1
+    m = x.numel() // k if k else (int(torch.tensor(shape[:-1]).prod()) if x.dim() > 1 else 1)
+    if x.numel() == 0:
+        outs = _empty_result(x, fmt, scaling, transpose, m, k, scale)
+    else:
+        x2d = x if x.dim() == 2 else x.reshape(m, k)
+        outs = quantize_op(
+            x2d, fmt.name, rounding, scaling.spec(), 0 if seed is None else seed, saturate, transpose,
+            scale, margin, power_of_two,
+        )
+    data, out_scale, amax, saturated, data_t, scale_t = outs
+    transposed = None
+    if transpose:
+        transposed = FP8Tensor(data_t, scale_t, fmt, scaling, amax, saturated[1])
+    return FP8Tensor(data.reshape(shape), out_scale, fmt, scaling, amax, saturated[0], transposed)

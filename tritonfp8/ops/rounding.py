@@ -1,0 +1,266 @@
+"""Rounding, scale and random-bit primitives: the Triton device functions and
+their pure-PyTorch twins, side by side (numerics.md sections 2 to 4).
+
+Every op that produces a narrow float (the cast, the fused GEMM epilogue, the
+optimizer's 16-bit master-weight update) rounds through :func:`round_to_code`
+on the GPU/interpreter and :func:`round_to_code_reference` on the reference
+backend. Both work on the fp32 bit pattern with integer operations only, so no
+hardware or compiler float conversion takes part in the rounding (the Triton
+interpreter's fp32->fp8 conversion is wrong when rounding carries into the
+exponent, and GPU ``cvt`` saturates silently). The result is the target format's
+integer code, stored through a uint8/uint16 view of the output.
+
+Rounding of a finite fp32 value ``v = sig * 2**(e - 23)``:
+
+* ``e_eff = max(e, emin)``; the target quantum is ``2**(e_eff - man_bits)``;
+  ``s = 23 - man_bits + (e_eff - e)`` source bits fall below it.
+* ``q = sig >> s`` quanta are kept, the dropped bits are ``D = sig mod 2**s``.
+* nearest: round up when ``D > 2**(s-1)``, or on a tie when ``q`` is odd.
+* stochastic with a uniform 32-bit ``R``: round up when ``D + (R >> (32 - s)) >= 2**s``
+  (``s <= 32``: exactly k = s random bits, as numerics.md asks); for ``s > 32``
+  (only magnitudes under 1/512 of the smallest subnormal) the top 32 dropped bits
+  are used:
+  ``(D >> (s - 32)) + R >= 2**32``, biased by under ``2**-32`` of a quantum.
+* code = ``((e_eff - emin) << man_bits) + q + up`` (linear, see formats.py);
+  ``code > max_code`` is overflow: saturate to ``max_code`` (and count) or
+  become Inf (E5M2) / NaN (E4M3). NaN -> NaN, Inf -> Inf (E4M3: NaN); the sign
+  is copied, so -0.0 and negative values that round to zero give -0.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats import Format
+
+FP32_INF = float("inf")
+# An inverse scale is clamped here so its reciprocal (the stored scale) stays a
+# normal fp32 number: 2**-126 is the smallest one.
+MAX_INV_SCALE = 2.0**126
+
+# ----------------------------------------------------------------------------
+# Triton device functions
+# ----------------------------------------------------------------------------
+
+
+@triton.jit
+def abs_nan_as_inf(x):
+    """|x| with NaN mapped to +inf, so that a max over it reports any non-finite value."""
+    return tl.where(x != x, FP32_INF, tl.abs(x))
+
+
+@triton.jit
+def round_to_code(
+    x,
+    rand,
+    EXP_BITS: tl.constexpr,
+    MAN_BITS: tl.constexpr,
+    MAX_CODE: tl.constexpr,
+    INF_CODE: tl.constexpr,
+    NAN_CODE: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    SATURATE: tl.constexpr,
+):
+    """Round fp32 ``x`` to the format's grid; returns (int32 code with sign, overflow flag).
+
+    ``rand`` is a uint32 block of random bits (unused unless STOCHASTIC). The overflow
+    flag marks finite inputs that rounded above the largest finite value.
+    """
+    EMIN: tl.constexpr = 2 - (1 << (EXP_BITS - 1))
+    SIGN: tl.constexpr = 1 << (EXP_BITS + MAN_BITS)
+    bits = x.to(tl.int32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    biased = mag >> 23
+    frac = mag & 0x7FFFFF
+    sig = tl.where(biased == 0, frac, frac | 0x800000).to(tl.int64)
+    e = tl.where(biased == 0, -126, biased - 127)
+    e_eff = tl.maximum(e, EMIN)
+    shift = tl.minimum((23 - MAN_BITS) + (e_eff - e), 60).to(tl.int64)
+    q = sig >> shift
+    dropped = sig - (q << shift)
+    if STOCHASTIC:
+        r = rand.to(tl.int64)  # zero-extended uint32
+        few = shift <= 32
+        lhs = tl.where(few, dropped + (r >> tl.maximum(32 - shift, 0)), (dropped >> tl.maximum(shift - 32, 0)) + r)
+        up = lhs >= tl.where(few, 1 << shift, 1 << 32)
+    else:
+        half = 1 << (shift - 1)
+        up = (dropped > half) | ((dropped == half) & ((q & 1) == 1))
+    code = ((e_eff - EMIN).to(tl.int64) << MAN_BITS) + q + up.to(tl.int64)
+    finite = mag < 0x7F800000
+    overflow = finite & (code > MAX_CODE)
+    if SATURATE:
+        code = tl.where(overflow, MAX_CODE, code)
+    else:
+        code = tl.where(overflow, INF_CODE, code)
+    code = tl.where(mag == 0x7F800000, INF_CODE, code)
+    code = tl.where(mag > 0x7F800000, NAN_CODE, code)
+    code = code.to(tl.int32) | tl.where(bits < 0, SIGN, 0)
+    return code, overflow
+
+
+@triton.jit
+def inv_scale_from_amax(amax, FMAX_MARGIN: tl.constexpr, POW2: tl.constexpr):
+    """Current scaling: (inverse scale, scale) with ``scale ~= amax / FMAX_MARGIN``.
+
+    A zero, NaN or Inf amax gives 1; the inverse is capped at 2**126; POW2 rounds
+    the inverse down to a power of two so that scaling is exact.
+    """
+    usable = (amax > 0) & (amax < FP32_INF)
+    inv = tl.math.div_rn(tl.zeros_like(amax) + FMAX_MARGIN, tl.where(usable, amax, 1.0))
+    inv = tl.where(usable, tl.minimum(inv, MAX_INV_SCALE), 1.0)
+    if POW2:
+        inv = (inv.to(tl.int32, bitcast=True) & -8388608).to(tl.float32, bitcast=True)  # clear mantissa
+    scale = tl.math.div_rn(tl.zeros_like(inv) + 1.0, inv)
+    return inv, scale
+
+
+@triton.jit
+def inv_scale_from_scale(scale):
+    """Delayed scaling: the inverse of a given (positive, finite) dequantization scale."""
+    return tl.math.div_rn(tl.zeros_like(scale) + 1.0, scale)
+
+
+@triton.jit
+def e8m0_from_amax(amax, EMAX: tl.constexpr, MAX_FRAC: tl.constexpr):
+    """MX scale: the smallest power of two 2**X with amax <= fmt.max * 2**X.
+
+    Returns (inverse scale 2**-X as fp32, E8M0 code X + 127 as int32). X is clamped
+    to [-127, 127]; a zero or non-finite amax gives X = 0. Rounding the exponent up
+    (not the OCP floor) means finite values never saturate.
+    """
+    bits = amax.to(tl.int32, bitcast=True)
+    usable = (amax > 0) & (amax < FP32_INF)
+    x_exp = (bits >> 23) - 127 - EMAX + ((bits & 0x7FFFFF) > MAX_FRAC).to(tl.int32)
+    x_exp = tl.where(usable, tl.minimum(tl.maximum(x_exp, -127), 127), 0)
+    inv = ((127 - x_exp) << 23).to(tl.float32, bitcast=True)
+    return inv, x_exp + 127
+
+
+# ----------------------------------------------------------------------------
+# PyTorch reference twins
+# ----------------------------------------------------------------------------
+
+
+def abs_nan_as_inf_reference(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isnan(x), torch.full_like(x, FP32_INF), x.abs())
+
+
+def round_to_code_reference(
+    x: torch.Tensor, rand: torch.Tensor | None, fmt: Format, stochastic: bool, saturate: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twin of :func:`round_to_code`: fp32 ``x`` -> (int64 code with sign, overflow mask)."""
+    emin = fmt.emin
+    bits = x.float().view(torch.int32).to(torch.int64)
+    mag = bits & 0x7FFFFFFF
+    biased = mag >> 23
+    frac = mag & 0x7FFFFF
+    sig = torch.where(biased == 0, frac, frac | 0x800000)
+    e = torch.where(biased == 0, torch.full_like(biased, -126), biased - 127)
+    e_eff = e.clamp(min=emin)
+    shift = ((23 - fmt.man_bits) + (e_eff - e)).clamp(max=60)
+    q = sig >> shift
+    dropped = sig - (q << shift)
+    if stochastic:
+        if rand is None:
+            raise ValueError("stochastic rounding needs random bits")
+        r = rand.to(torch.int64)
+        few = shift <= 32
+        lhs = torch.where(few, dropped + (r >> (32 - shift).clamp(min=0)), (dropped >> (shift - 32).clamp(min=0)) + r)
+        up = lhs >= torch.where(few, 1 << shift, torch.full_like(shift, 1 << 32))
+    else:
+        half = 1 << (shift - 1)
+        up = (dropped > half) | ((dropped == half) & ((q & 1) == 1))
+    code = ((e_eff - emin) << fmt.man_bits) + q + up.to(torch.int64)
+    finite = mag < 0x7F800000
+    overflow = finite & (code > fmt.max_code)
+    code = torch.where(overflow, fmt.max_code if saturate else fmt.inf_code, code)
+    code = torch.where(mag == 0x7F800000, torch.full_like(code, fmt.inf_code), code)
+    code = torch.where(mag > 0x7F800000, torch.full_like(code, fmt.nan_code), code)
+    code = code | torch.where(bits < 0, fmt.sign_bit, 0)
+    return code, overflow
+
+
+def codes_to_tensor(code: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Int codes -> a tensor of ``fmt.torch_dtype`` with exactly those bits."""
+    if fmt.bits == 8:
+        return code.to(torch.uint8).view(fmt.torch_dtype)
+    signed = ((code & 0xFFFF) ^ 0x8000) - 0x8000  # the 16-bit pattern as a signed value
+    return signed.to(torch.int16).view(fmt.torch_dtype)
+
+
+def inv_scale_from_amax_reference(amax: torch.Tensor, fmax_margin: float, pow2: bool):
+    amax = amax.float()
+    usable = (amax > 0) & torch.isfinite(amax)
+    inv = torch.full_like(amax, fmax_margin) / torch.where(usable, amax, torch.ones_like(amax))
+    inv = torch.where(usable, inv.clamp(max=MAX_INV_SCALE), torch.ones_like(amax))
+    if pow2:
+        inv = (inv.view(torch.int32) & -8388608).view(torch.float32)
+    return inv, 1.0 / inv
+
+
+def inv_scale_from_scale_reference(scale: torch.Tensor) -> torch.Tensor:
+    return 1.0 / scale.float()
+
+
+def e8m0_from_amax_reference(amax: torch.Tensor, fmt: Format):
+    amax = amax.float()
+    bits = amax.view(torch.int32).to(torch.int64)
+    usable = (amax > 0) & torch.isfinite(amax)
+    x_exp = (bits >> 23) - 127 - fmt.emax + ((bits & 0x7FFFFF) > mx_max_frac(fmt)).to(torch.int64)
+    x_exp = torch.where(usable, x_exp.clamp(-127, 127), torch.zeros_like(x_exp))
+    inv = ((127 - x_exp) << 23).to(torch.int32).view(torch.float32)
+    return inv, x_exp + 127
+
+
+def mx_max_frac(fmt: Format) -> int:
+    """fp32 mantissa field of the format's largest finite value (1.75 -> 0x600000)."""
+    return (fmt.max_code & ((1 << fmt.man_bits) - 1)) << (23 - fmt.man_bits)
+
+
+# ----------------------------------------------------------------------------
+# Philox 4x32-10, the generator behind tl.randint / tl.randint4x
+# ----------------------------------------------------------------------------
+
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_M32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo_u32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of the 64-bit product of uint32 ``a`` and ``b`` (int64 tensors).
+
+    Split into 16-bit halves so no intermediate leaves int64's range.
+    """
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    lo_lo = a_lo * b_lo
+    cross = a_hi * b_lo + a_lo * b_hi
+    hi = a_hi * b_hi + ((cross + (lo_lo >> 16)) >> 16)
+    lo = (lo_lo + ((cross & 0xFFFF) << 16)) & _M32
+    return hi & _M32, lo
+
+
+def philox_reference(seed: int, offsets: torch.Tensor, n_rounds: int = 10):
+    """Twin of ``tl.randint4x(seed, offsets)``: four int64 tensors holding uint32 values.
+
+    The counter is (offset low word, offset high word, 0, 0), the key is (seed low
+    word, seed high word), exactly as Triton's ``philox`` builds them.
+    """
+    seed = int(seed)
+    offsets = offsets.to(torch.int64)
+    c0 = offsets & _M32
+    c1 = (offsets >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(n_rounds):
+        hi_b, lo_b = _mul_hi_lo_u32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo_u32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _M32
+        k1 = (k1 + _PHILOX_KEY_B) & _M32
+    return c0, c1, c2, c3
