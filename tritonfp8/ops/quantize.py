@@ -87,8 +87,8 @@ def _amax_kernel(
 
 @triton.jit
 def _quantize_head(
-    x, absx, rand, offs_m, offs_k, pid_m, pid_k, M, K,
-    out_ptr, scale_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
+    x, absx, rand, offs_m, offs_k, pid_m, pid_k, first_chunk, M, K,
+    out_ptr, scale_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, span_col_amax, span_amax,
     stride_sm, stride_sk,
     MODE: tl.constexpr, GIVEN_SCALE: tl.constexpr, E8M0_SCALE: tl.constexpr, TRANSPOSED: tl.constexpr,
     EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, MAX_CODE: tl.constexpr,
@@ -96,10 +96,11 @@ def _quantize_head(
     STOCHASTIC: tl.constexpr, SATURATE: tl.constexpr, POW2: tl.constexpr,
     FMAX_MARGIN: tl.constexpr, EMAX: tl.constexpr, MX_MAX_FRAC: tl.constexpr,
 ):
-    """Scale, round and store one output of a tile; returns its count of overflowed values.
+    """Scale, round and store one output of a chunk of rows; returns its count of overflowed values.
 
-    TRANSPOSED stores x^T as a contiguous [K, M] tensor (the tile is transposed in
-    registers first so that the store stays coalesced).
+    ``span_col_amax`` [TILE_K] and ``span_amax`` [] are the amaxes of groups that span
+    the whole tile (computed in a first pass). TRANSPOSED stores x^T as a contiguous
+    [K, M] tensor (the chunk is transposed in registers so the store stays coalesced).
     """
     in_m = offs_m < M
     in_k = offs_k < K
@@ -118,7 +119,7 @@ def _quantize_head(
             gk = pid_k
         else:
             gk = 0
-        # Groups inside the tensor, and those whose scale this program writes (each exactly once).
+        # Groups inside the tensor, and those whose scale this chunk writes (each exactly once).
         if (MODE == MODE_ROW) or (MODE == MODE_TILE_ROWS):
             valid = in_m[:, None]
         elif (MODE == MODE_COL) or (MODE == MODE_TILE_COLS):
@@ -126,13 +127,15 @@ def _quantize_head(
         else:
             valid = pid_m >= 0
         if MODE == MODE_TENSOR:
-            owner = valid & (pid_m == 0) & (pid_k == 0)
+            owner = valid & (pid_m == 0) & (pid_k == 0) & first_chunk
         elif MODE == MODE_ROW:
             owner = valid & (pid_k == 0)
         elif MODE == MODE_COL:
-            owner = valid & (pid_m == 0)
-        else:
+            owner = valid & (pid_m == 0) & first_chunk
+        elif MODE == MODE_TILE_ROWS:
             owner = valid
+        else:
+            owner = valid & first_chunk
         scale_ptrs = scale_ptr + gm * stride_sm + gk * stride_sk
         if GIVEN_SCALE:
             inv = inv_scale_from_scale(tl.load(scale_ptrs, mask=valid, other=1.0))
@@ -146,9 +149,9 @@ def _quantize_head(
             elif MODE == MODE_TILE_ROWS:
                 amax = tl.max(absx, axis=1)[:, None]
             elif MODE == MODE_TILE_COLS:
-                amax = tl.max(absx, axis=0)[None, :]
+                amax = span_col_amax[None, :]
             else:
-                amax = tl.max(tl.max(absx, axis=1), axis=0)
+                amax = span_amax
             if E8M0_SCALE:
                 inv, scale_code = e8m0_from_amax(amax, EMAX, MX_MAX_FRAC)
                 tl.store(scale_ptrs, scale_code.to(tl.uint8), mask=owner)
@@ -169,6 +172,13 @@ def _quantize_head(
     return tl.sum(tl.sum((overflow & mask).to(tl.int32), axis=1), axis=0)
 
 
+@triton.jit
+def _load_chunk(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk):
+    mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+    return x.to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _quantize_kernel(
     # pointers
@@ -186,40 +196,62 @@ def _quantize_kernel(
     INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr,
     STOCHASTIC: tl.constexpr, SATURATE: tl.constexpr, POW2: tl.constexpr,
     FMAX_MARGIN: tl.constexpr, EMAX: tl.constexpr, MX_MAX_FRAC: tl.constexpr,
-    # tile
-    TILE_M: tl.constexpr, TILE_K: tl.constexpr,
+    # tile: TILE_M x TILE_K per program, CHUNK_M rows at a time
+    TILE_M: tl.constexpr, TILE_K: tl.constexpr, CHUNK_M: tl.constexpr,
 ):
+    """Cast one TILE_M x TILE_K tile of x [M, K] (any strides) to fp8 codes.
+
+    Pass 1 (only when a group spans more rows than a chunk: TILE_COLS / TILE modes)
+    reduces the column and tile amax; pass 2 scales, rounds and stores every output
+    of each chunk. Register use stays at one CHUNK_M x TILE_K chunk.
+    """
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = pid_m * TILE_M + tl.arange(0, TILE_M)
     offs_k = pid_k * TILE_K + tl.arange(0, TILE_K)
-    mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    absx = abs_nan_as_inf(x)
-    if RECORD_AMAX:
-        tl.atomic_max(amax_ptr, tl.max(tl.max(absx, axis=1), axis=0))
-    if STOCHASTIC:
-        # Philox keyed by (seed, element offset in x's [M, K] view); the normal
-        # output takes the first of its four words, the transposed copy the second.
-        rand, rand_t, _, _ = tl.randint4x(seed, offs_m.to(tl.int64)[:, None] * K + offs_k[None, :])
-    else:
-        rand = 0
-        rand_t = 0
-    saturated = _quantize_head(
-        x, absx, rand, offs_m, offs_k, pid_m, pid_k, M, K,
-        out_ptr, scale_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, stride_sm, stride_sk,
-        MODE, GIVEN_SCALE, E8M0_SCALE, False,
-        EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX, MX_MAX_FRAC,
+    SPANS: tl.constexpr = (MODE == MODE_TILE_COLS) or (MODE == MODE_TILE) or (
+        TRANSPOSE and ((MODE_T == MODE_TILE_COLS) or (MODE_T == MODE_TILE))
     )
-    tl.atomic_add(saturated_ptr, saturated)
-    if TRANSPOSE:
-        saturated_t = _quantize_head(
-            x, absx, rand_t, offs_m, offs_k, pid_m, pid_k, M, K,
-            out_t_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, stride_tsm, stride_tsk,
-            MODE_T, GIVEN_SCALE, E8M0_SCALE, True,
+    span_col_amax = tl.zeros([TILE_K], dtype=tl.float32)
+    if SPANS:
+        for c in range(0, TILE_M, CHUNK_M):
+            offs_m = pid_m * TILE_M + c + tl.arange(0, CHUNK_M)
+            x = _load_chunk(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
+            span_col_amax = tl.maximum(span_col_amax, tl.max(abs_nan_as_inf(x), axis=0))
+    span_amax = tl.max(span_col_amax, axis=0)
+    tile_amax = 0.0
+    saturated = 0
+    saturated_t = 0
+    for c in range(0, TILE_M, CHUNK_M):
+        offs_m = pid_m * TILE_M + c + tl.arange(0, CHUNK_M)
+        x = _load_chunk(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
+        absx = abs_nan_as_inf(x)
+        tile_amax = tl.maximum(tile_amax, tl.max(tl.max(absx, axis=1), axis=0))
+        if STOCHASTIC:
+            # Philox keyed by (seed, element offset in x's [M, K] view); the normal
+            # output takes the first of its four words, the transposed copy the second.
+            rand, rand_t, _, _ = tl.randint4x(seed, offs_m.to(tl.int64)[:, None] * K + offs_k[None, :])
+        else:
+            rand = 0
+            rand_t = 0
+        saturated += _quantize_head(
+            x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
+            out_ptr, scale_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, span_col_amax, span_amax,
+            stride_sm, stride_sk,
+            MODE, GIVEN_SCALE, E8M0_SCALE, False,
             EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX, MX_MAX_FRAC,
         )
+        if TRANSPOSE:
+            saturated_t += _quantize_head(
+                x, absx, rand_t, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
+                out_t_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, span_col_amax, span_amax,
+                stride_tsm, stride_tsk,
+                MODE_T, GIVEN_SCALE, E8M0_SCALE, True,
+                EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX, MX_MAX_FRAC,
+            )
+    if RECORD_AMAX:
+        tl.atomic_max(amax_ptr, tile_amax)
+    tl.atomic_add(saturated_ptr, saturated)
+    if TRANSPOSE:
         tl.atomic_add(saturated_ptr + 1, saturated_t)
 
 
@@ -227,10 +259,13 @@ def _quantize_kernel(
 # Launcher
 # ----------------------------------------------------------------------------
 
-# Tile for modes whose groups do not constrain it: (rows, cols), and the square
-# tile used when a transposed copy is emitted (its store is transposed in registers).
-DEFAULT_TILE = (32, 128)
+# Program tile (rows, cols) for modes whose groups do not constrain it, and the
+# square one used when a transposed copy is emitted; a chunk holds about
+# CHUNK_ELEMENTS values so that no configuration spills registers.
+DEFAULT_TILE = (64, 128)
 DEFAULT_TILE_TRANSPOSED = (64, 64)
+CHUNK_ELEMENTS = 1024
+NUM_WARPS = 4
 
 
 def _head_mode(scaling: Scaling) -> int:
@@ -241,16 +276,18 @@ def _head_mode(scaling: Scaling) -> int:
     return {"none": 0, "tensor": 1, "row": 2, "col": 3}[scaling.kind]
 
 
-def quantize_tile(scaling: Scaling, transpose: bool) -> tuple[int, int]:
-    """(TILE_M, TILE_K) of the cast kernel for a scaling; a block's size fixes the tiled dims."""
+def quantize_tile(scaling: Scaling, transpose: bool) -> tuple[int, int, int]:
+    """(TILE_M, TILE_K, CHUNK_M) of the cast kernel; a block's size fixes the tiled dims."""
     if scaling.kind not in ("block", "mx"):
-        return DEFAULT_TILE_TRANSPOSED if transpose else DEFAULT_TILE
-    size = max(scaling.block)
-    if transpose:
-        return (size, size)
-    bm, bk = scaling.block
-    # The other dim is free: fill the tile to 4096 elements.
-    return (bm if bm > 1 else 4096 // size, bk if bk > 1 else 4096 // size)
+        tile_m, tile_k = DEFAULT_TILE_TRANSPOSED if transpose else DEFAULT_TILE
+    else:
+        size = max(scaling.block)
+        bm, bk = scaling.block
+        if transpose:
+            tile_m, tile_k = size, size
+        else:  # the dim the block leaves free is filled to 4096 elements per tile
+            tile_m, tile_k = (bm if bm > 1 else 4096 // size, bk if bk > 1 else 4096 // size)
+    return tile_m, tile_k, max(1, min(tile_m, CHUNK_ELEMENTS // tile_k))
 
 
 def quantize_meta(fmt: Format, scaling: Scaling, rounding: str, saturate: bool, transpose: bool,
@@ -258,7 +295,7 @@ def quantize_meta(fmt: Format, scaling: Scaling, rounding: str, saturate: bool, 
     """The constexpr arguments of ``_quantize_kernel`` (also used to compile it ahead of time)."""
     mode = _head_mode(scaling)
     mode_t = _head_mode(scaling.transposed()) if transpose else 0
-    tile_m, tile_k = quantize_tile(scaling, transpose)
+    tile_m, tile_k, chunk_m = quantize_tile(scaling, transpose)
     needs_prepass = not given_scale and (mode in _GLOBAL_MODES or mode_t in _GLOBAL_MODES)
     return dict(
         MODE=mode, MODE_T=mode_t, GIVEN_SCALE=given_scale, TRANSPOSE=transpose,
@@ -267,7 +304,7 @@ def quantize_meta(fmt: Format, scaling: Scaling, rounding: str, saturate: bool, 
         INF_CODE=fmt.inf_code, NAN_CODE=fmt.nan_code,
         STOCHASTIC=rounding == "stochastic", SATURATE=saturate, POW2=power_of_two,
         FMAX_MARGIN=fmt.max * 2.0**-margin, EMAX=fmt.emax, MX_MAX_FRAC=mx_max_frac(fmt),
-        TILE_M=tile_m, TILE_K=tile_k,
+        TILE_M=tile_m, TILE_K=tile_k, CHUNK_M=chunk_m,
     )
 
 
@@ -306,6 +343,7 @@ def _quantize_triton(x, fmt, rounding, scaling, seed, saturate, transpose, scale
             x_ptr=x, amax_ptr=amax, amax_rows_ptr=amax_rows, amax_cols_ptr=amax_cols,
             M=m, K=k, stride_xm=x.stride(0), stride_xk=x.stride(1),
             ROWS=int(MODE_ROW) in modes, COLS=int(MODE_COL) in modes, TILE_M=tile_m, TILE_K=tile_k,
+            num_warps=NUM_WARPS,
         )
     # Scale strides in x's coordinates; the transposed copy's scale is laid out on [K, M].
     def strides(s, transposed):
@@ -323,7 +361,7 @@ def _quantize_triton(x, fmt, rounding, scaling, seed, saturate, transpose, scale
         M=m, K=k, seed=seed,
         stride_xm=x.stride(0), stride_xk=x.stride(1),
         stride_sm=stride_sm, stride_sk=stride_sk, stride_tsm=stride_tsm, stride_tsk=stride_tsk,
-        **meta,
+        **meta, num_warps=NUM_WARPS,
     )
     return [out.view(fmt.torch_dtype), out_scale, amax, saturated, out_t.view(fmt.torch_dtype), out_scale_t]
 

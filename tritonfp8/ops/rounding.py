@@ -34,10 +34,12 @@ import triton.language as tl
 
 from ..formats import Format
 
-FP32_INF = float("inf")
+_INF = float("inf")
 # An inverse scale is clamped here so its reciprocal (the stored scale) stays a
 # normal fp32 number: 2**-126 is the smallest one.
-MAX_INV_SCALE = 2.0**126
+_MAX_INV_SCALE = 2.0**126
+FP32_INF = tl.constexpr(_INF)
+MAX_INV_SCALE = tl.constexpr(_MAX_INV_SCALE)
 
 # ----------------------------------------------------------------------------
 # Triton device functions
@@ -73,21 +75,22 @@ def round_to_code(
     mag = bits & 0x7FFFFFFF
     biased = mag >> 23
     frac = mag & 0x7FFFFF
-    sig = tl.where(biased == 0, frac, frac | 0x800000).to(tl.int64)
+    sig = tl.where(biased == 0, frac, frac | 0x800000)
     e = tl.where(biased == 0, -126, biased - 127)
     e_eff = tl.maximum(e, EMIN)
-    shift = tl.minimum((23 - MAN_BITS) + (e_eff - e), 60).to(tl.int64)
-    q = sig >> shift
-    dropped = sig - (q << shift)
+    shift = (23 - MAN_BITS) + (e_eff - e)  # >= 20; every shift below is clamped to 31 (sig < 2**24)
+    q = sig >> tl.minimum(shift, 31)
+    dropped = sig - (q << tl.minimum(shift, 31))
     if STOCHASTIC:
-        r = rand.to(tl.int64)  # zero-extended uint32
-        few = shift <= 32
-        lhs = tl.where(few, dropped + (r >> tl.maximum(32 - shift, 0)), (dropped >> tl.maximum(shift - 32, 0)) + r)
-        up = lhs >= tl.where(few, 1 << shift, 1 << 32)
+        # Round up iff D' + R' >= 2**W with W = min(shift, 32), i.e. R' > (2**W - 1) - D'.
+        few = tl.minimum(tl.maximum(32 - shift, 0), 31)
+        r_top = rand.to(tl.uint32, bitcast=True) >> few.to(tl.uint32)
+        d_top = dropped.to(tl.uint32) >> tl.minimum(tl.maximum(shift - 32, 0), 31).to(tl.uint32)
+        up = r_top > ((0xFFFFFFFF >> few.to(tl.uint32)) - d_top)
     else:
-        half = 1 << (shift - 1)
+        half = 1 << tl.minimum(shift - 1, 30)
         up = (dropped > half) | ((dropped == half) & ((q & 1) == 1))
-    code = ((e_eff - EMIN).to(tl.int64) << MAN_BITS) + q + up.to(tl.int64)
+    code = ((e_eff - EMIN) << MAN_BITS) + q + up.to(tl.int32)
     finite = mag < 0x7F800000
     overflow = finite & (code > MAX_CODE)
     if SATURATE:
@@ -96,7 +99,7 @@ def round_to_code(
         code = tl.where(overflow, INF_CODE, code)
     code = tl.where(mag == 0x7F800000, INF_CODE, code)
     code = tl.where(mag > 0x7F800000, NAN_CODE, code)
-    code = code.to(tl.int32) | tl.where(bits < 0, SIGN, 0)
+    code = code | tl.where(bits < 0, SIGN, 0)
     return code, overflow
 
 
@@ -144,7 +147,7 @@ def e8m0_from_amax(amax, EMAX: tl.constexpr, MAX_FRAC: tl.constexpr):
 
 
 def abs_nan_as_inf_reference(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isnan(x), torch.full_like(x, FP32_INF), x.abs())
+    return torch.where(torch.isnan(x), torch.full_like(x, _INF), x.abs())
 
 
 def round_to_code_reference(
@@ -194,7 +197,7 @@ def inv_scale_from_amax_reference(amax: torch.Tensor, fmax_margin: float, pow2: 
     amax = amax.float()
     usable = (amax > 0) & torch.isfinite(amax)
     inv = torch.full_like(amax, fmax_margin) / torch.where(usable, amax, torch.ones_like(amax))
-    inv = torch.where(usable, inv.clamp(max=MAX_INV_SCALE), torch.ones_like(amax))
+    inv = torch.where(usable, inv.clamp(max=_MAX_INV_SCALE), torch.ones_like(amax))
     if pow2:
         inv = (inv.view(torch.int32) & -8388608).view(torch.float32)
     return inv, 1.0 / inv
