@@ -580,3 +580,44 @@ def quantize(
     if transpose:
         transposed = FP8Tensor(data_t, scale_t, fmt, scaling, amax, saturated[1])
     return FP8Tensor(data.reshape(shape), out_scale, fmt, scaling, amax, saturated[0], transposed)
+
+
+# ----------------------------------------------------------------------------
+# Ahead-of-time compile specs (tritonfp8.aot)
+# ----------------------------------------------------------------------------
+
+
+def aot_specs():
+    """The cast kernel in every scaling mode, with and without the transposed copy."""
+    from ..aot import KernelSpec, signature_of
+    from ..formats import E4M3, E5M2
+
+    def spec(fmt, scaling, rounding, transpose, saturate=True, x_type="*fp32"):
+        sc = Scaling.parse(scaling)
+        meta = quantize_meta(fmt, sc, rounding, saturate, transpose, False, 0, False)
+        scale_type = "*u8" if sc.is_mx else "*fp32"
+        types = {
+            "x_ptr": x_type, "out_ptr": "*u8", "out_t_ptr": "*u8", "scale_ptr": scale_type, "scale_t_ptr": scale_type,
+            "amax_ptr": "*fp32", "amax_rows_ptr": "*fp32", "amax_cols_ptr": "*fp32", "saturated_ptr": "*i32",
+            "seed": "i64",
+        }
+        name = f"quantize[{fmt.name},{sc},{rounding}{',T' if transpose else ''}{'' if saturate else ',nosat'},{x_type[1:]}]"
+        return KernelSpec(name, _quantize_kernel, signature_of(_quantize_kernel, meta, types), meta, num_warps=NUM_WARPS)
+
+    specs = [
+        spec(E4M3, scaling, "stochastic", transpose)
+        for scaling in ("none", "tensor", "row", "col", (1, 128), (128, 1), (128, 128), "mx")
+        for transpose in (False, True)
+    ]
+    specs += [
+        spec(E5M2, "none", "nearest", False, saturate=False, x_type="*bf16"),
+        spec(E5M2, (1, 128), "nearest", True, x_type="*fp16"),
+        spec(E5M2, "mx", "nearest", True),
+    ]
+    amax_meta = dict(ROWS=True, COLS=True, TILE_M=DEFAULT_TILE_TRANSPOSED[0], TILE_K=DEFAULT_TILE_TRANSPOSED[1])
+    specs.append(KernelSpec(
+        "quantize_amax[rows,cols]", _amax_kernel,
+        signature_of(_amax_kernel, amax_meta, {"x_ptr": "*fp32", "amax_ptr": "*fp32", "amax_rows_ptr": "*fp32", "amax_cols_ptr": "*fp32"}),
+        amax_meta, num_warps=NUM_WARPS,
+    ))
+    return specs
