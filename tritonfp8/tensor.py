@@ -21,6 +21,7 @@ weights). ``x ~= data * scale`` with the scale broadcast over its group.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -157,7 +158,7 @@ class FP8Tensor:
         """``data * scale`` in ``dtype`` (computed in fp32), with the shape of ``data``."""
         shape = self.data.shape
         k = shape[-1] if len(shape) else 1
-        m = self.data.numel() // k if k else 0
+        m = math.prod(shape[:-1])
         values = self.data.to(torch.float32).reshape(m, k)
         out = values * expand_scale(self.scale, self.scaling, m, k)
         return out.reshape(shape).to(dtype)

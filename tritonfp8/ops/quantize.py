@@ -17,6 +17,7 @@ The public entry is :func:`quantize`; it dispatches through the
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -276,10 +277,11 @@ def _head_mode(scaling: Scaling) -> int:
     return {"none": 0, "tensor": 1, "row": 2, "col": 3}[scaling.kind]
 
 
-def quantize_tile(scaling: Scaling, transpose: bool) -> tuple[int, int, int]:
-    """(TILE_M, TILE_K, CHUNK_M) of the cast kernel; a block's size fixes the tiled dims."""
+def quantize_tile(scaling: Scaling, transpose: bool, m: int = 1 << 30) -> tuple[int, int, int]:
+    """(TILE_M, TILE_K, CHUNK_M) of the cast kernel for an [m, K] view; a block's size fixes the tiled dims."""
     if scaling.kind not in ("block", "mx"):
         tile_m, tile_k = DEFAULT_TILE_TRANSPOSED if transpose else DEFAULT_TILE
+        tile_m = min(tile_m, triton.next_power_of_2(m))  # few rows (a vector): no empty chunks
     else:
         size = max(scaling.block)
         bm, bk = scaling.block
@@ -291,11 +293,11 @@ def quantize_tile(scaling: Scaling, transpose: bool) -> tuple[int, int, int]:
 
 
 def quantize_meta(fmt: Format, scaling: Scaling, rounding: str, saturate: bool, transpose: bool,
-                  given_scale: bool, margin: int, power_of_two: bool) -> dict:
+                  given_scale: bool, margin: int, power_of_two: bool, m: int = 1 << 30) -> dict:
     """The constexpr arguments of ``_quantize_kernel`` (also used to compile it ahead of time)."""
     mode = _head_mode(scaling)
     mode_t = _head_mode(scaling.transposed()) if transpose else 0
-    tile_m, tile_k, chunk_m = quantize_tile(scaling, transpose)
+    tile_m, tile_k, chunk_m = quantize_tile(scaling, transpose, m)
     needs_prepass = not given_scale and (mode in _GLOBAL_MODES or mode_t in _GLOBAL_MODES)
     return dict(
         MODE=mode, MODE_T=mode_t, GIVEN_SCALE=given_scale, TRANSPOSE=transpose,
@@ -318,7 +320,7 @@ def _empty_scale(scaling: Scaling, m: int, k: int, device) -> torch.Tensor:
 def _quantize_triton(x, fmt, rounding, scaling, seed, saturate, transpose, scale, margin, power_of_two):
     m, k = x.shape
     device = x.device
-    meta = quantize_meta(fmt, scaling, rounding, saturate, transpose, scale is not None, margin, power_of_two)
+    meta = quantize_meta(fmt, scaling, rounding, saturate, transpose, scale is not None, margin, power_of_two, m)
     out = torch.empty((m, k), dtype=torch.uint8, device=device)
     out_scale = scale.clone() if scale is not None else _empty_scale(scaling, m, k, device)
     if scaling.kind == "none":
@@ -400,7 +402,7 @@ def _quantize_head_reference(x, rand, fmt, scaling, stochastic, saturate, given_
                 scale = scale.reshape(scaling.scale_shape(r, c))
         y = x * inv.repeat_interleave(gm, 0)[:r].repeat_interleave(gk, 1)[:, :c]
     code, overflow = round_to_code_reference(y, rand, fmt, stochastic, saturate)
-    return codes_to_tensor(code, fmt), scale, overflow.sum().to(torch.int32)
+    return codes_to_tensor(code, fmt).contiguous(), scale.contiguous(), overflow.sum().to(torch.int32)
 
 
 def quantize_reference(x, fmt, rounding, scaling, seed, saturate, transpose, scale, margin, power_of_two):
@@ -492,12 +494,11 @@ def _validate(x, fmt, rounding, scaling, seed, transpose, scale, margin):
             raise ValueError(f"scale= (delayed scaling) works with scaling 'tensor', 'row' or 'col', not {scaling}")
         if transpose and scaling.kind != "tensor":
             raise ValueError("transpose=True with a given row/col scale is not supported: the transposed copy needs its own scales")
-        k = x.shape[-1]
-        m = x.numel() // k if k else 0
-        want = scaling.scale_shape(m, k)
+        k = x.shape[-1] if x.dim() else 1
+        want = scaling.scale_shape(math.prod(x.shape[:-1]), k)
         if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 or tuple(scale.shape) != want:
             got = f"{scale.dtype} {tuple(scale.shape)}" if isinstance(scale, torch.Tensor) else type(scale).__name__
-            raise ValueError(f"scale for scaling {scaling} on [{m}, {k}] must be a float32 tensor of shape {want}, got {got}")
+            raise ValueError(f"scale for scaling {scaling} on [{math.prod(x.shape[:-1])}, {k}] must be a float32 tensor of shape {want}, got {got}")
         if scale.device != x.device:
             raise ValueError(f"scale is on {scale.device} but x is on {x.device}")
 
@@ -566,7 +567,7 @@ def quantize(
     _validate(x, fmt, rounding, scaling, seed, transpose, scale, margin)
     shape = x.shape
     k = shape[-1] if x.dim() else 1
-    m = x.numel() // k if k else (int(torch.tensor(shape[:-1]).prod()) if x.dim() > 1 else 1)
+    m = math.prod(shape[:-1])
     if x.numel() == 0:
         outs = _empty_result(x, fmt, scaling, transpose, m, k, scale)
     else:
