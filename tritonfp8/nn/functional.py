@@ -1,0 +1,292 @@
+"""FP8 functional ops with autograd: linear (all three products in fp8), conv2d as GEMM.
+
+The modules in :mod:`tritonfp8.nn` and :func:`tritonfp8.fp8_autocast` call these.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.matmul import scaled_mm, transpose_view
+from ..recipe import Recipe, get_recipe
+from ..tensor import FP8Tensor
+from .state import LayerState
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _output_dtype(x: torch.Tensor) -> torch.dtype:
+    """x's dtype, or torch.autocast's dtype inside an autocast region (so fp8 composes with it)."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        if dtype in SUPPORTED_DTYPES:
+            return dtype
+    return x.dtype
+
+
+def check_fp8_inputs(x: torch.Tensor, weight: torch.Tensor, what: str) -> None:
+    """Clear errors for inputs the fp8 ops do not take."""
+    for name, t in (("input", x), ("weight", weight)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"fp8 {what} takes float32, bfloat16 or float16 {name}s, got {t.dtype}")
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"fp8 {what} runs on CPU (reference) or CUDA (Triton) tensors, got {name} on {t.device}")
+    if x.device != weight.device:
+        raise ValueError(f"fp8 {what}: input is on {x.device} but weight is on {weight.device}")
+
+
+class _FP8LinearFunction(torch.autograd.Function):
+    """y = x W^T + b with the forward, input-gradient and weight-gradient products in fp8.
+
+    Saved for backward: the fp8 transposed copies of x (x^T quantized along the token
+    dim, for dW) and of W (W^T quantized along N, for dx), not the high-precision x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, recipe: Recipe, state: LayerState):
+        k = x.shape[-1]
+        n = weight.shape[0]
+        x2d = x.reshape(-1, k)
+        need_dx = ctx.needs_input_grad[0]
+        need_dw = ctx.needs_input_grad[1]
+        x_q = state.quantize(x2d, "activation", recipe.activation, transpose=need_dw)
+        w_q = state.quantize(weight, "weight", recipe.weight, transpose=need_dx)
+        out_dtype = _output_dtype(x)
+        y = scaled_mm(x_q, transpose_view(w_q), bias=bias, out_dtype=out_dtype)
+        ctx.recipe, ctx.state = recipe, state
+        # Seeds of the backward casts are fixed now, so each call's backward draws its own bits.
+        ctx.error_seed, ctx.wgrad_seed = state.seed("error"), state.seed("weight_grad")
+        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        # Only fp8 data and scales are saved; the FP8Tensor wrappers are rebuilt in backward.
+        saved, ctx.x_t_meta, ctx.w_t_meta = [], None, None
+        if need_dw:
+            ctx.x_t_meta = (x_q.transposed.fmt, x_q.transposed.scaling)
+            saved += [x_q.transposed.data, x_q.transposed.scale]
+        if need_dx:
+            ctx.w_t_meta = (w_q.transposed.fmt, w_q.transposed.scaling)
+            saved += [w_q.transposed.data, w_q.transposed.scale]
+        ctx.save_for_backward(*saved)
+        state.calls += 1
+        return y.reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, dy):
+        recipe, state = ctx.recipe, ctx.state
+        saved = list(ctx.saved_tensors)
+        x_t = FP8Tensor(saved.pop(0), saved.pop(0), *ctx.x_t_meta) if ctx.x_t_meta else None
+        w_t = FP8Tensor(saved.pop(0), saved.pop(0), *ctx.w_t_meta) if ctx.w_t_meta else None
+        n = dy.shape[-1]
+        dy2d = dy.reshape(-1, n)
+        dy_q = state.quantize(dy2d.contiguous(), "error", recipe.error, transpose=x_t is not None, seed=ctx.error_seed)
+        state.error_saturated += dy_q.saturated
+        dx = dw = db = None
+        if w_t is not None:
+            # dx [T, K] = dy [T, N] @ W [N, K]; b is W^T quantized along N, viewed as [N, K].
+            dx = scaled_mm(dy_q, transpose_view(w_t), out_dtype=ctx.x_dtype).reshape(ctx.x_shape)
+        if x_t is not None:
+            # dW [N, K] = dy^T [N, T] @ x [T, K]; both quantized along T by the casts' transposed copies.
+            a, b = dy_q.transposed, transpose_view(x_t)
+            if recipe.weight_grad is None:
+                dw = scaled_mm(a, b, out_dtype=ctx.w_dtype)
+            else:
+                g = recipe.weight_grad
+                dw_q = scaled_mm(a, b, out_fmt=g.fmt, rounding=g.rounding,
+                                 seed=ctx.wgrad_seed if g.rounding == "stochastic" else None)
+                dw = dw_q.dequantize(ctx.w_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2d.float().sum(0).to(ctx.bias_dtype)
+        return dx, dw, db, None, None
+
+
+def fp8_shapes_ok(in_features: int, out_features: int, recipe: Recipe) -> tuple[bool, str]:
+    """(ok, reason): whether a product with these K, N dims gains from fp8 (multiples of 16, >= min_dim)."""
+    for name, d in (("in_features", in_features), ("out_features", out_features)):
+        if d % 16:
+            return False, f"{name}={d} is not a multiple of 16"
+        if d < recipe.min_dim:
+            return False, f"{name}={d} is below min_dim={recipe.min_dim}"
+    return True, "fp8"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           recipe="hybrid", state: Optional[LayerState] = None) -> torch.Tensor:
+    """FP8 ``F.linear``: x [..., K], weight [N, K], bias [N] -> y [..., N].
+
+    All three products (y = x W^T, dx = dy W, dW = dy^T x) run through
+    :func:`tritonfp8.scaled_mm` with the recipe's formats, roundings and scalings.
+    ``state`` carries delayed-scaling histories and seeds between calls (a fresh one
+    per call when None, so stochastic rounding then draws a new seed each call).
+    """
+    recipe = get_recipe(recipe)
+    check_fp8_inputs(x, weight, "linear")
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: input [..., {x.shape[-1]}] does not match weight {tuple(weight.shape)} [N, K]")
+    state = state if state is not None else LayerState(recipe, x.device)
+    return _FP8LinearFunction.apply(x, weight, bias, recipe, state)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1, padding=0,
+           dilation=1, groups: int = 1, recipe="hybrid", state: Optional[LayerState] = None) -> torch.Tensor:
+    """FP8 ``F.conv2d`` as a GEMM (im2col): x [B, C, H, W], weight [O, C/groups, kh, kw] -> [B, O, Ho, Wo].
+
+    The patches ``unfold(x)`` [B*L, C*kh*kw] (per group) are multiplied by the
+    weight [O, C*kh*kw] through :func:`linear`, so forward, input gradient (before
+    ``fold``) and weight gradient are all fp8 products.
+    """
+    recipe = get_recipe(recipe)
+    check_fp8_inputs(x, weight, "conv2d")
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"conv2d takes x [B, C, H, W] and weight [O, C/groups, kh, kw], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    b, c, h, w = x.shape
+    o, cg, kh, kw = weight.shape
+    if c != cg * groups or o % groups:
+        raise ValueError(f"conv2d: {c} input channels and weight {tuple(weight.shape)} do not fit groups={groups}")
+    stride, dilation = _pair(stride), _pair(dilation)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":
+            padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, (kh, kw)))
+            if any((d * (k - 1)) % 2 for d, k in zip(dilation, (kh, kw))):
+                raise ValueError("conv2d padding='same' with an even effective kernel size is not supported; pad explicitly")
+        else:
+            raise ValueError(f"conv2d padding {padding!r}: use an int, a pair, 'valid' or 'same'")
+    padding = _pair(padding)
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    state = state if state is not None else LayerState(recipe, x.device)
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, C*kh*kw, L]
+    cols = cols.transpose(1, 2)  # [B, L, C*kh*kw], channel-major patches as weight.reshape(O, -1)
+    og = o // groups
+    k = cg * kh * kw
+    pad = padded_k(k) - k
+    outs = []
+    for g in range(groups):
+        cols_g = cols[..., g * k:(g + 1) * k]
+        w_g = weight[g * og:(g + 1) * og].reshape(og, k)
+        if pad:  # zero columns add nothing to the product
+            cols_g, w_g = F.pad(cols_g, (0, pad)), F.pad(w_g, (0, pad))
+        b_g = None if bias is None else bias[g * og:(g + 1) * og]
+        outs.append(linear(cols_g, w_g, b_g, recipe, state))
+    y = outs[0] if groups == 1 else torch.cat(outs, dim=-1)  # [B, L, O]
+    return y.transpose(1, 2).reshape(b, o, ho, wo)
+
+
+def padded_k(k: int) -> int:
+    """K rounded up to a multiple of 16 (conv patches are zero-padded to it: exact, and fp8 MMA-friendly)."""
+    return -(-k // 16) * 16
+
+
+# ----------------------------------------------------------------------------
+# Attention: when the fp8 op applies, and multi-head attention from fp8 pieces
+# ----------------------------------------------------------------------------
+
+
+def _supported_head_dims(attention_impl) -> tuple[int, ...]:
+    import sys
+
+    return getattr(sys.modules.get(attention_impl.__module__), "HEAD_DIMS", (64, 128))
+
+
+def attention_ineligible(q, k, v, attn_mask, dropout_p, enable_gqa, attention_impl) -> str:
+    """Why ``scaled_dot_product_attention(q, k, v, ...)`` cannot use the fp8 op ('' when it can)."""
+    if attention_impl is None:
+        return "fp8 attention op unavailable"
+    if attn_mask is not None:
+        return "attn_mask (only is_causal masking runs in fp8)"
+    if dropout_p:
+        return "attention dropout"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "inputs are not [B, H, N, D]"
+    if enable_gqa or q.shape[1] != k.shape[1]:
+        return "grouped-query attention"
+    if q.shape[-1] not in _supported_head_dims(attention_impl) or v.shape[-1] != q.shape[-1]:
+        return f"head dim {q.shape[-1]} (fp8 attention takes {_supported_head_dims(attention_impl)})"
+    for t in (q, k, v):
+        if t.dtype not in SUPPORTED_DTYPES:
+            return f"dtype {t.dtype}"
+    return ""
+
+
+def causal_mask_kind(mask: Optional[torch.Tensor], n: int) -> Optional[bool]:
+    """True if ``mask`` [n, n] is exactly the causal mask (bool True or -inf above the diagonal)."""
+    if mask is None or mask.shape != (n, n):
+        return None
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=mask.device), 1)
+    if mask.dtype == torch.bool:
+        return bool(torch.equal(mask, upper))
+    return bool(torch.all(torch.isneginf(mask) == upper) and torch.all(mask[~upper] == 0))
+
+
+def mha_ineligible(a: dict, attention_impl) -> str:
+    """Why ``F.multi_head_attention_forward(**a)`` cannot be re-expressed in fp8 ('' when it can)."""
+    if attention_impl is None:
+        return "fp8 attention op unavailable"
+    if a.get("need_weights", True):
+        return "need_weights=True (attention weights are not materialized in fp8)"
+    for key, what in (("key_padding_mask", "key_padding_mask"), ("bias_k", "bias_k/bias_v"),
+                      ("static_k", "static_k/static_v"), ("static_v", "static_k/static_v")):
+        if a.get(key) is not None:
+            return what
+    if a.get("add_zero_attn", False):
+        return "add_zero_attn"
+    if a.get("use_separate_proj_weight", False):
+        return "separate q/k/v projection weights"
+    if a.get("dropout_p", 0.0) and a.get("training", True):
+        return "attention dropout"
+    q = a["query"]
+    n = q.shape[0]
+    if a.get("attn_mask") is not None and not causal_mask_kind(a["attn_mask"], n):
+        return "attn_mask that is not the causal mask"
+    if a.get("is_causal", False) and a.get("attn_mask") is None:
+        return "is_causal without a mask"
+    head_dim = a["embed_dim_to_check"] // a["num_heads"]
+    if head_dim not in _supported_head_dims(attention_impl):
+        return f"head dim {head_dim} (fp8 attention takes {_supported_head_dims(attention_impl)})"
+    return ""
+
+
+def multi_head_attention(a: dict, lin, attention_impl):
+    """``F.multi_head_attention_forward`` (need_weights=False) from fp8 pieces.
+
+    query/key/value: [L, B, E] (or unbatched [L, E]); in-projection and out-projection
+    through ``lin(x, weight, bias)`` (an fp8 linear), attention through the fp8 op.
+    Returns (output [L, B, E], None).
+    """
+    query, key, value = a["query"], a["key"], a["value"]
+    unbatched = query.dim() == 2
+    if unbatched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+    e, h = a["embed_dim_to_check"], a["num_heads"]
+    w, b = a["in_proj_weight"], a["in_proj_bias"]
+    if query is key and key is value:  # self-attention: one fp8 product for q, k and v
+        q, k, v = lin(query, w, b).chunk(3, dim=-1)
+    else:
+        ws, bs = w.chunk(3), (b.chunk(3) if b is not None else (None, None, None))
+        q, k, v = (lin(t, wi, bi) for t, wi, bi in zip((query, key, value), ws, bs))
+
+    def heads(t):  # [L, B, E] -> [B, H, L, E/H]
+        return t.reshape(t.shape[0], t.shape[1], h, e // h).permute(1, 2, 0, 3)
+
+    causal = a.get("attn_mask") is not None  # mha_ineligible admitted only the causal mask
+    o = attention_impl(heads(q), heads(k), heads(v), causal=causal)
+    o = o.permute(2, 0, 1, 3).reshape(q.shape[0], q.shape[1], e)
+    out = lin(o, a["out_proj_weight"], a["out_proj_bias"])
+    return (out.squeeze(1) if unbatched else out), None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+              scale: Optional[float] = None) -> torch.Tensor:
+    """FP8 flash attention: q [B, H, Nq, D], k/v [B, H, Nk, D] -> [B, H, Nq, D] (see ops/attention.py)."""
+    from ..ops.attention import attention as fp8_attention
+
+    return fp8_attention(q, k, v, causal=causal, scale=scale)

@@ -1,0 +1,78 @@
+"""Per-layer state of the fp8 products: delayed-scaling amax histories, seeds, counters."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..ops.quantize import quantize
+from ..ops.rounding import inv_scale_from_amax_reference
+from ..formats import get_format
+from ..recipe import Recipe, TensorRecipe
+from ..tensor import FP8Tensor
+
+ROLES = ("activation", "weight", "error", "weight_grad")
+_SEED_MOD = 2**62
+
+
+class LayerState:
+    """State that a recipe needs per layer, kept on the layer's device.
+
+    * ``amax_history[role]``: [history_len] fp32 amaxes of past steps (delayed scaling);
+      the newest is at index 0.
+    * ``seed_base`` and ``calls``: stochastic rounding seeds are
+      ``f(seed_base, calls, role)``, so a run is reproducible under ``torch.manual_seed``.
+    * ``error_saturated``: int32 [] running count of error values that saturated.
+    """
+
+    def __init__(self, recipe: Recipe, device=None, seed_base: Optional[int] = None):
+        self.recipe = recipe
+        self.seed_base = int(torch.randint(0, 2**31, ()).item()) if seed_base is None else int(seed_base)
+        self.calls = 0
+        self.amax_history: dict[str, torch.Tensor] = {}
+        self.error_saturated = torch.zeros((), dtype=torch.int32, device=device)
+
+    def seed(self, role: str) -> int:
+        return (self.seed_base * 1_000_003 + self.calls * len(ROLES) + ROLES.index(role)) % _SEED_MOD
+
+    def _history(self, role: str, device) -> torch.Tensor:
+        h = self.amax_history.get(role)
+        if h is None or h.device != torch.device(device):
+            h = torch.zeros(self.recipe.amax_history_len, dtype=torch.float32, device=device)
+            self.amax_history[role] = h
+        return h
+
+    def quantize(self, x: torch.Tensor, role: str, tensor_recipe: TensorRecipe, transpose: bool,
+                 seed: Optional[int] = None) -> FP8Tensor:
+        """Quantize ``x`` [M, K] for ``role`` as the recipe says, updating the history.
+
+        ``seed`` defaults to :meth:`seed` of the role at the current call count."""
+        r = tensor_recipe
+        scale = None
+        if r.scale_source == "delayed":
+            history = self._history(role, x.device)
+            amax = history.amax() if self.recipe.amax_reduction == "max" else history[0]
+            fmt = get_format(r.fmt)
+            _, scale = inv_scale_from_amax_reference(amax, fmt.max * 2.0**-r.margin, r.power_of_two)
+            scale = scale.reshape(())
+        q = quantize(
+            x, r.fmt, r.rounding, r.parsed_scaling,
+            seed=(self.seed(role) if seed is None else seed) if r.rounding == "stochastic" else None,
+            transpose=transpose, scale=scale,
+            margin=r.margin if scale is None else 0, power_of_two=r.power_of_two if scale is None else False,
+        )
+        if r.scale_source == "delayed":
+            history = self._history(role, x.device)
+            history.copy_(torch.cat([q.amax.reshape(1), history[:-1]]))
+        return q
+
+    def state_dict(self) -> dict:
+        return {"seed_base": self.seed_base, "calls": self.calls,
+                "amax_history": {k: v.clone() for k, v in self.amax_history.items()},
+                "error_saturated": self.error_saturated.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed_base = int(state["seed_base"])
+        self.calls = int(state["calls"])
+        self.amax_history = {k: v.clone() for k, v in state["amax_history"].items()}
+        self.error_saturated = state["error_saturated"].clone()
