@@ -13,7 +13,7 @@ out="${OUT:-perf/results}"
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv > "$out/gpu-$stamp.csv" 2>&1
 # GPU test subset: exact casts vs the reference, products vs fp64, modules fwd+bwd (files that exist).
-tests=$(ls tests/test_cast_*.py tests/test_stochastic.py tests/test_matmul.py tests/test_modules*.py tests/test_optim.py 2>/dev/null)
+tests=$(ls tests/test_cast_*.py tests/test_stochastic.py tests/test_matmul.py tests/test_modules*.py tests/test_optim.py tests/test_loss_scaler.py tests/test_attention.py tests/test_autocast.py 2>/dev/null)
 timeout 240 python -m pytest -q -x $tests > "$out/tests-$stamp.txt" 2>&1
 echo "tests exit: $?" >> "$out/tests-$stamp.txt"
 timeout 90 python perf/bench_quantize.py --out "$out/quantize-$stamp"

@@ -49,3 +49,10 @@ def test_products_use_fp8_tensor_cores(aot_rows):
         if r["ok"] and r["fp8_mma_required"]:
             expected = {"sm_89": "mma.sync", "sm_90": "wgmma.mma_async", "sm_100": "tcgen05.mma"}[r["target"]]
             assert r["mma"].startswith(expected), (r["name"], r["target"], r["mma"])
+
+
+def test_optimizer_kernels_round_every_operation(aot_rows):
+    """The fused optimizer's fp32 arithmetic must not be contracted into FMAs: the
+    reference rounds a * b and + c separately, and bit-exactness depends on it."""
+    rows = [r for r in aot_rows if r["module"] == "tritonfp8.ops.optim" and r["ok"]]
+    assert rows and not [r["name"] for r in rows if r["fma"]]

@@ -27,7 +27,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-KERNEL_MODULES = ("tritonfp8.ops.quantize",)
+KERNEL_MODULES = ("tritonfp8.ops.quantize", "tritonfp8.ops.matmul", "tritonfp8.ops.optim")
 TARGETS = (89, 90, 100)
 # The fp8 MMA instruction that each target's PTX must contain.
 FP8_MMA = {
@@ -44,6 +44,8 @@ class KernelSpec:
     signature: every argument name -> Triton type ("*fp32", "*fp8e4nv", "i32", ...),
     "constexpr" for constexpr arguments (their values are in ``constexprs``).
     fp8_mma: True when the kernel must use fp8 tensor-core instructions.
+    extra: further compile options (e.g. ``enable_fp_fusion=False`` for kernels whose
+    fp32 arithmetic must match the reference operation by operation).
     """
 
     name: str
@@ -105,7 +107,8 @@ def compile_spec(spec: KernelSpec, cc: int) -> dict:
     try:
         src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
         compiled = triton.compile(
-            src, target=GPUTarget("cuda", cc, 32), options={"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+            src, target=GPUTarget("cuda", cc, 32),
+            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages, **spec.extra},
         )
     except Exception as exc:  # reported, and failed by the test
         row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -115,6 +118,7 @@ def compile_spec(spec: KernelSpec, cc: int) -> dict:
     row.update(
         ok=True,
         mma=match.group(0) if match else None,
+        fma=bool(re.search(r"\bfma\.rn\.f32\b", ptx)),
         shared_bytes=compiled.metadata.shared,
         seconds=round(time.perf_counter() - start, 2),
         **_resource_usage(compiled.asm["cubin"]),

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..ops.matmul import scaled_mm, transpose_view
 from ..recipe import Recipe, get_recipe
+from ..training import current_tracker
 from ..tensor import FP8Tensor
 from .state import LayerState
 
@@ -84,6 +85,9 @@ class _FP8LinearFunction(torch.autograd.Function):
         dy2d = dy.reshape(-1, n)
         dy_q = state.quantize(dy2d.contiguous(), "error", recipe.error, transpose=x_t is not None, seed=ctx.error_seed)
         state.error_saturated += dy_q.saturated
+        tracker = current_tracker()
+        if tracker is not None:  # a LossScaler's overflow flag: device-side, read once per step
+            tracker.record(dy_q)
         dx = dw = db = None
         if w_t is not None:
             # dx [T, K] = dy [T, N] @ W [N, K]; b is W^T quantized along N, viewed as [N, K].
