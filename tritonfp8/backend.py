@@ -109,3 +109,28 @@ def resolve(device) -> str:
             "move the tensor to a GPU, or use set_backend('torch') (reference) or 'interpret'"
         )
     return name
+
+
+def _interpreter_loop_bounds() -> None:
+    """Let the Triton interpreter loop over runtime bounds (``range(0, K, BLOCK_K)``).
+
+    Triton 3.6's interpreter turns a loop bound into a Python int with
+    ``int(array of shape (1,))``, a TypeError since NumPy 2.4. This re-points the
+    interpreter's ``tensor.__index__`` at the array's single element. Idempotent.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "tritonfp8_loop_bounds", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched.tritonfp8_loop_bounds = True
+    interpreter._patch_lang_tensor = patched
+
+
+if triton_interprets():
+    _interpreter_loop_bounds()

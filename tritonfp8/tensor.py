@@ -54,6 +54,11 @@ class Scaling:
                 return Scaling(s)
             if s == "mx":
                 return Scaling("mx", (1, MX_BLOCK))
+            if s.startswith("mx:"):  # the op's string form, which keeps the orientation
+                bm, bk = (int(v) for v in s[len("mx:"):].split("x"))
+                if (bm, bk) not in ((1, MX_BLOCK), (MX_BLOCK, 1)):
+                    raise ValueError(f"mx blocks are 1 x {MX_BLOCK} or {MX_BLOCK} x 1, got {bm} x {bk}")
+                return Scaling("mx", (bm, bk))
             if s.startswith("block:"):  # the string form used by the torch.library op
                 bm, bk = (int(v) for v in s[len("block:"):].split("x"))
                 return Scaling.parse((bm, bk))
@@ -78,6 +83,8 @@ class Scaling:
         """A string that :meth:`parse` turns back into this Scaling."""
         if self.kind == "block":
             return f"block:{self.block[0]}x{self.block[1]}"
+        if self.kind == "mx" and self.block != (1, MX_BLOCK):
+            return f"mx:{self.block[0]}x{self.block[1]}"
         return self.kind
 
     def transposed(self) -> "Scaling":
