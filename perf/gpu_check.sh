@@ -17,6 +17,7 @@ tests=$(ls tests/test_cast_*.py tests/test_stochastic.py tests/test_matmul.py te
 timeout 240 python -m pytest -q -x $tests > "$out/tests-$stamp.txt" 2>&1
 echo "tests exit: $?" >> "$out/tests-$stamp.txt"
 timeout 90 python perf/bench_quantize.py --out "$out/quantize-$stamp"
-[ -f perf/bench_gemm.py ] && timeout 150 python perf/bench_gemm.py --out "$out/gemm-$stamp"
+[ -f perf/bench_gemm.py ] && timeout 150 python perf/bench_gemm.py --quick --out "$out/gemm-$stamp"
+[ -f perf/bench_attention.py ] && timeout 120 python perf/bench_attention.py --out "$out/attention-$stamp"
 [ -f perf/bench_modules.py ] && timeout 60 python perf/bench_modules.py --out "$out/modules-$stamp"
 exit 0

@@ -37,7 +37,10 @@ def test_every_spec_compiles(aot_rows):
 
 
 def test_no_spills(aot_rows):
-    spills = [(r["name"], r["target"], r.get("stack")) for r in aot_rows if r["ok"] and r.get("stack", 0) != 0]
+    """STACK 0 on every target a spec promises (all, unless the spec names fewer: the
+    GEMM configs promise sm_90, the contract of issue 3)."""
+    spills = [(r["name"], r["target"], r.get("stack")) for r in aot_rows
+              if r["ok"] and r["spill_checked"] and r.get("stack", 0) != 0]
     assert not spills, spills
     assert all("reg" in r for r in aot_rows if r["ok"]), "cuobjdump reported no registers"
 

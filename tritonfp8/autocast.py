@@ -138,7 +138,8 @@ def _sdpa(region: _Region, func, args, kwargs):
     dropout_p = _arg(args, kwargs, 4, "dropout_p", 0.0)
     is_causal = _arg(args, kwargs, 5, "is_causal", False)
     scale = _arg(args, kwargs, 6, "scale")
-    why = F8.attention_ineligible(q, k, v, attn_mask, dropout_p, kwargs.get("enable_gqa", False), _attention_impl())
+    why = F8.attention_ineligible(q, k, v, attn_mask, dropout_p, kwargs.get("enable_gqa", False), _attention_impl(),
+                                  is_causal=bool(is_causal))
     region.record("attention", None, f"[d={q.shape[-1]}]", not why, why)
     if why:
         return func(*args, **kwargs)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..ops.matmul import scaled_mm, transpose_view
 from ..recipe import Recipe, get_recipe
+from ..trainer import current_error_stats
 from ..training import current_tracker
 from ..tensor import FP8Tensor
 from .state import LayerState
@@ -88,6 +89,9 @@ class _FP8LinearFunction(torch.autograd.Function):
         tracker = current_tracker()
         if tracker is not None:  # a LossScaler's overflow flag: device-side, read once per step
             tracker.record(dy_q)
+        stats = current_error_stats()
+        if stats is not None:  # tf8.Trainer's statistics: error values flushed to zero / saturated, on device
+            stats.record_error_cast(dy2d, dy_q)
         dx = dw = db = None
         if w_t is not None:
             # dx [T, K] = dy [T, N] @ W [N, K]; b is W^T quantized along N, viewed as [N, K].
@@ -201,7 +205,7 @@ def _supported_head_dims(attention_impl) -> tuple[int, ...]:
     return getattr(sys.modules.get(attention_impl.__module__), "HEAD_DIMS", (64, 128))
 
 
-def attention_ineligible(q, k, v, attn_mask, dropout_p, enable_gqa, attention_impl) -> str:
+def attention_ineligible(q, k, v, attn_mask, dropout_p, enable_gqa, attention_impl, is_causal=False) -> str:
     """Why ``scaled_dot_product_attention(q, k, v, ...)`` cannot use the fp8 op ('' when it can)."""
     if attention_impl is None:
         return "fp8 attention op unavailable"
@@ -215,9 +219,13 @@ def attention_ineligible(q, k, v, attn_mask, dropout_p, enable_gqa, attention_im
         return "grouped-query attention"
     if q.shape[-1] not in _supported_head_dims(attention_impl) or v.shape[-1] != q.shape[-1]:
         return f"head dim {q.shape[-1]} (fp8 attention takes {_supported_head_dims(attention_impl)})"
+    if is_causal and q.shape[2] != k.shape[2]:
+        return "causal with N_q != N_k"
     for t in (q, k, v):
         if t.dtype not in SUPPORTED_DTYPES:
             return f"dtype {t.dtype}"
+    if not (q.dtype == k.dtype == v.dtype):
+        return "mixed q/k/v dtypes"
     return ""
 
 

@@ -281,7 +281,10 @@ def quantize_tile(scaling: Scaling, transpose: bool, m: int = 1 << 30) -> tuple[
     """(TILE_M, TILE_K, CHUNK_M) of the cast kernel for an [m, K] view; a block's size fixes the tiled dims."""
     if scaling.kind not in ("block", "mx"):
         tile_m, tile_k = DEFAULT_TILE_TRANSPOSED if transpose else DEFAULT_TILE
-        tile_m = min(tile_m, triton.next_power_of_2(m))  # few rows (a vector): no empty chunks
+        if m < tile_m:  # few rows (a vector, per-head rows): no empty chunks, longer rows instead
+            if not transpose:
+                tile_k = min(1024, tile_k * tile_m // triton.next_power_of_2(m))
+            tile_m = triton.next_power_of_2(m)
     else:
         size = max(scaling.block)
         bm, bk = scaling.block
@@ -593,16 +596,17 @@ def aot_specs():
     from ..aot import KernelSpec, signature_of
     from ..formats import E4M3, E5M2
 
-    def spec(fmt, scaling, rounding, transpose, saturate=True, x_type="*fp32"):
+    def spec(fmt, scaling, rounding, transpose, saturate=True, x_type="*fp32", m=1 << 30):
         sc = Scaling.parse(scaling)
-        meta = quantize_meta(fmt, sc, rounding, saturate, transpose, False, 0, False)
+        meta = quantize_meta(fmt, sc, rounding, saturate, transpose, False, 0, False, m)
         scale_type = "*u8" if sc.is_mx else "*fp32"
         types = {
             "x_ptr": x_type, "out_ptr": "*u8", "out_t_ptr": "*u8", "scale_ptr": scale_type, "scale_t_ptr": scale_type,
             "amax_ptr": "*fp32", "amax_rows_ptr": "*fp32", "amax_cols_ptr": "*fp32", "saturated_ptr": "*i32",
             "seed": "i64",
         }
-        name = f"quantize[{fmt.name},{sc},{rounding}{',T' if transpose else ''}{'' if saturate else ',nosat'},{x_type[1:]}]"
+        name = (f"quantize[{fmt.name},{sc},{rounding}{',T' if transpose else ''}{'' if saturate else ',nosat'},"
+                f"{x_type[1:]},tile={meta['TILE_M']}x{meta['TILE_K']}]")
         return KernelSpec(name, _quantize_kernel, signature_of(_quantize_kernel, meta, types), meta, num_warps=NUM_WARPS)
 
     specs = [
@@ -614,6 +618,7 @@ def aot_specs():
         spec(E5M2, "none", "nearest", False, saturate=False, x_type="*bf16"),
         spec(E5M2, (1, 128), "nearest", True, x_type="*fp16"),
         spec(E5M2, "mx", "nearest", True),
+        spec(E4M3, "row", "stochastic", False, m=2),  # few rows: 1 x 1024 chunks
     ]
     amax_meta = dict(ROWS=True, COLS=True, TILE_M=DEFAULT_TILE_TRANSPOSED[0], TILE_K=DEFAULT_TILE_TRANSPOSED[1])
     specs.append(KernelSpec(
