@@ -195,7 +195,7 @@ def test_resnet18_on_digits_tracks_fp32():
         return images[order[step]], labels[order[step]]
 
     _compare(lambda: ResNet18(num_classes=16, width=16, in_channels=1),
-             batches, 120, 0.05, F.cross_entropy, "hybrid", tolerance=0.25)
+             batches, 120, 0.05, F.cross_entropy, "hybrid", tolerance=0.15)  # measured: 0.519 vs 0.551
 
 
 def test_gpt_on_python_source_tracks_fp32():
@@ -211,4 +211,5 @@ def test_gpt_on_python_source_tracks_fp32():
     def loss_fn(logits, target):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
-    _compare(lambda: GPT(d_model=64, nhead=1, layers=2, seq=32), batches, 120, 0.1, loss_fn, "hybrid", tolerance=0.05)
+    # measured: 2.418 (fp32) vs 2.417 (fp8)
+    _compare(lambda: GPT(d_model=64, nhead=1, layers=2, seq=32), batches, 120, 0.1, loss_fn, "hybrid", tolerance=0.02)
