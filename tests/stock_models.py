@@ -129,13 +129,6 @@ def count_products(model: nn.Module) -> dict:
 
 def text_corpus(max_bytes: int = 2_000_000) -> bytes:
     """Real English/code text that every machine has: the running Python's own standard library sources."""
-    import glob
-    import sysconfig
+    from tritonfp8.data import text_corpus as _text_corpus
 
-    data = b""
-    for path in sorted(glob.glob(sysconfig.get_paths()["stdlib"] + "/*.py")):
-        with open(path, "rb") as f:
-            data += f.read()
-        if len(data) >= max_bytes:
-            break
-    return bytes(b if b < 128 else 63 for b in data[:max_bytes])  # ASCII, others as '?'
+    return _text_corpus(max_bytes)

@@ -33,9 +33,16 @@ def info() -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "reproduce":  # its own parser: python -m tritonfp8 reproduce --help
+        from .reproduce import main as reproduce_main
+
+        return reproduce_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m tritonfp8", description="FP8 training kernels for PyTorch")
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("info", help="formats, backend, versions, GPU")
+    sub.add_parser("info", help="formats, backend, versions, GPU (the default)")
+    sub.add_parser("reproduce", help="the seed paper's findings on Fashion-MNIST and text: tables, plots, JSON "
+                                     "(python -m tritonfp8 reproduce --help)")
     args = parser.parse_args(argv)
     if args.command in (None, "info"):
         return info()

@@ -1,0 +1,185 @@
+"""``python -m tritonfp8 reproduce``: a tiny end-to-end run of every arm (synthetic Fashion-MNIST files and
+a slice of the text corpus), the error paths, the findings logic and the progress bar."""
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+import torch
+
+from test_data import make_fashion_dir
+from tritonfp8 import cli
+from tritonfp8.reproduce import config as rconfig
+from tritonfp8.reproduce import report, runner
+
+TINY = ["--set", "train_size=256", "--set", "val_size=64", "--set", "curve_eval_size=32", "--set", "test_size=64",
+        "--set", "evals_per_epoch=1", "--set", "steps_per_epoch=2", "--set", "val_windows=2",
+        "--set", "corpus_bytes=200000", "--set", "eval_batch_size=128"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reproduce")
+    make_fashion_dir(root / "fm", n_train=320, n_test=64)
+    out = root / "out"
+    err = io.StringIO()
+    import contextlib
+
+    with contextlib.redirect_stderr(err):
+        rc = cli.main(["reproduce", "--task", "fashion-cnn", "--task", "text-gpt", "--data-dir", str(root / "fm"),
+                       "--out", str(out), "--jobs", "1", "--threads", "1", "--device", "cpu", *TINY])
+    return rc, out, err.getvalue()
+
+
+def test_smoke_run_writes_every_arm(smoke):
+    rc, out, err = smoke
+    assert rc == 0, err
+    assert "ETA" in err and "100.0%" in err  # the progress bar ran to the end
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["results"]) == {"fashion-cnn", "text-gpt"}
+    assert result["arms"] == list(rconfig.ARM_ORDER)
+    for key in ("torch", "triton", "numpy", "python", "tritonfp8", "backend"):
+        assert result["environment"][key]
+    for task, t in result["results"].items():
+        assert t["config"]["task"] == task and t["dataset"]
+        assert [r["arm"] for r in t["runs"]] == list(rconfig.ARM_ORDER)
+        for r in t["runs"]:
+            assert math.isfinite(r["final"]) and r["steps"] == 2 and r["loss_scale"][0][0] == 0
+            assert r["curve"] and r["step_time_s"] > 0
+            if rconfig.ARMS[r["arm"]].is_fp8:
+                assert r["error_nonzero"] > 0 and 0 <= r["underflow_fraction"] <= 1
+                assert any(v["fp8_calls"] for v in r["layers"].values())
+            else:
+                assert r["underflow_fraction"] is None
+        s = t["summary"]
+        assert set(s) == set(rconfig.ARM_ORDER) and s["fp32"]["gap_to_fp32"] == 0
+        assert s["mellempudi2019"]["fp8_layers"] and "conv1" not in s["mellempudi2019"]["fp8_layers"]
+        assert t["findings"]
+    # fp16 master weights exactly for the fp8 layers of the fp16 arms
+    cnn = {r["arm"]: r for r in result["results"]["fashion-cnn"]["runs"]}
+    assert cnn["mellempudi2019"]["master_dtypes"]["fc1.weight"] == "float16"
+    assert cnn["mellempudi2019"]["master_dtypes"]["conv1.weight"] == "float32"
+    assert set(cnn["fp8-vanilla"]["master_dtypes"].values()) == {"float32"}
+    md = (out / "report.md").read_text()
+    assert "| arm |" in md and "Findings" in md and "`mellempudi2019`" in md and "step time vs fp32" in md
+    pytest.importorskip("matplotlib")
+    for task in ("fashion-cnn", "text-gpt"):
+        for kind in ("curves", "loss-scale"):
+            assert (out / f"{task}-{kind}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_arms_start_from_the_same_weights_and_data(smoke):
+    """Arms with the same forward numerics see bit-identical first losses: same init, same first batch."""
+    rc, out, _ = smoke
+    result = json.loads((out / "results.json").read_text())
+    for task, t in result["results"].items():
+        first = {r["arm"]: r["train_loss"][0] for r in t["runs"]}
+        assert first["fp8-vanilla"] == first["fp8+dynamic-ls"] == first["fp8+enhanced-ls"], task
+        assert first["mellempudi2019"] == first["abl-nearest-master"], task
+        assert first["fp32"] != first["fp8-vanilla"]  # the fp8 forward differs from fp32 (not a vacuous check)
+        assert abs(first["fp32"] - first["fp8-vanilla"]) < 0.05 * first["fp32"]
+
+
+def test_run_one_is_deterministic():
+    cfg = rconfig.task_config("text-gpt", steps_per_epoch=2, evals_per_epoch=1, val_windows=2, corpus_bytes=100_000)
+    a = runner.run_one(cfg, rconfig.ARMS["mellempudi2019"], seed=5)
+    b = runner.run_one(cfg, rconfig.ARMS["mellempudi2019"], seed=5)
+    c = runner.run_one(cfg, rconfig.ARMS["mellempudi2019"], seed=6)
+    assert a["train_loss"] == b["train_loss"] and a["final"] == b["final"]
+    assert c["train_loss"] != a["train_loss"]
+
+
+def test_missing_data_set_exits_with_instructions(tmp_path, capsys):
+    rc = cli.main(["reproduce", "--task", "fashion-cnn", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "apt-get install -y dataset-fashion-mnist" in err and "--task text-gpt" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_data_set_exits_with_a_clear_error(tmp_path, capsys):
+    make_fashion_dir(tmp_path / "fm", n_train=320, n_test=64)
+    path = tmp_path / "fm" / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:200])
+    rc = cli.main(["reproduce", "--task", "fashion-cnn", "--data-dir", str(tmp_path / "fm"),
+                   "--out", str(tmp_path / "o"), "--jobs", "1", *TINY])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "train-images-idx3-ubyte.gz" in err and "truncated or corrupt" in err and "Traceback" not in err
+
+
+def test_bad_options_are_usage_errors(capsys):
+    for argv in (["--set", "no_such_field=1"], ["--set", "lr"], ["--arms", "fp32,fp7"], ["--task", "imagenet"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["reproduce", *argv])
+        assert info.value.code == 2
+    assert rconfig.parse_override("lr=0.1") == ("lr", 0.1)
+    assert rconfig.parse_override("optimizer=adamw") == ("optimizer", "adamw")
+    assert rconfig.parse_override("cnn-channels=(8, 16)") == ("cnn_channels", (8, 16))
+
+
+def test_presets_and_arms():
+    quick, full = rconfig.task_config("fashion-cnn"), rconfig.task_config("fashion-cnn", full=True)
+    assert quick.seeds == 1 and full.seeds >= 3 and full.epochs >= quick.epochs
+    assert rconfig.task_config("fashion-cnn", full=True, seeds=5, epochs=None).seeds == 5
+    a = rconfig.ARMS
+    assert a["fp8-vanilla"].recipe.error.rounding == "nearest" and a["fp8-vanilla"].recipe.weight_grad.fmt == "e5m2"
+    assert a["fp8-vanilla"].loss_scaling is None and a["fp8+enhanced-ls"].loss_scaling == "enhanced"
+    assert a["mellempudi2019"].recipe.error.rounding == "stochastic" and a["mellempudi2019"].master_dtype == "float16"
+    assert a["abl-nearest-grads"].recipe.error.rounding == "nearest"
+    assert a["abl-nearest-grads"].recipe.weight_grad.rounding == "nearest"
+    assert a["abl-nearest-master"].master_rounding == "nearest"
+    assert [x.name for x in rconfig.select_arms(["hybrid"])] == ["fp32", "hybrid"]
+
+
+# ----------------------------------------------------------------------------
+# Findings on hand-made summaries
+# ----------------------------------------------------------------------------
+
+
+def _arm(finals):
+    mean = sum(finals) / len(finals)
+    std = (sum((x - mean) ** 2 for x in finals) / (len(finals) - 1)) ** 0.5 if len(finals) > 1 else 0.0
+    return {"finals": finals, "mean": mean, "std": std}
+
+
+def test_findings_accuracy_claims():
+    cfg = rconfig.task_config("fashion-cnn")
+    s = {"fp32": _arm([90.0, 90.2, 90.4]), "mellempudi2019": _arm([90.0, 89.9, 90.1]),
+         "fp8-vanilla": _arm([88.0, 88.2, 88.1]), "abl-nearest-master": _arm([89.8, 90.1, 89.9])}
+    for v in s.values():
+        v["gap_to_fp32"] = v["mean"] - s["fp32"]["mean"]
+    f = report.findings(cfg, s)
+    assert f[0]["holds"] is True and "gap -0.20 points" in f[0]["text"]
+    assert f[1]["holds"] is True and "Visibly worse: fp8-vanilla." in f[1]["text"]
+    assert "abl-nearest-master" in f[1]["text"] and "abl-nearest-master 89.93% (-0.07" in f[1]["text"]
+    s["mellempudi2019"] = _arm([89.6, 89.9, 89.7])
+    s["fp8-vanilla"] = _arm([89.2, 90.0, 88.6])  # 0.47 lower on average, but noisier than 2 standard errors
+    for v in s.values():
+        v["gap_to_fp32"] = v["mean"] - s["fp32"]["mean"]
+    f = report.findings(cfg, s)
+    assert f[0]["holds"] is False and "DOES NOT hold" in f[0]["text"]
+    assert f[1]["holds"] is False and "No ablation is visibly worse" in f[1]["text"]
+
+
+def test_findings_text_claim():
+    cfg = rconfig.task_config("text-gpt")
+    s = {"fp32": _arm([1.50, 1.52]), "mellempudi2019": _arm([1.52, 1.53])}
+    s["mellempudi2019"]["rel_gap_to_fp32"] = (1.525 - 1.51) / 1.51
+    f = report.findings(cfg, s)
+    assert f[0]["holds"] is True and "+0.99%" in f[0]["text"]
+    s["mellempudi2019"] = _arm([1.53, 1.54])
+    assert report.findings(cfg, s)[0]["holds"] is False
+
+
+def test_progress_bar_reports_eta():
+    stream = io.StringIO()
+    bar = runner.Progress(10.0, stream=stream, min_interval=0.0, log_interval=0.0)
+    bar.start -= 30.0  # 30 s elapsed
+    bar.update(2.5, note="task/arm", force=True)
+    line = stream.getvalue().splitlines()[-1]
+    assert "25.0%" in line and "elapsed 0:30" in line and "ETA 1:30" in line and "task/arm" in line
+    bar.close()
+    assert runner._fmt_time(3725) == "1:02:05" and runner._fmt_time(math.inf) == "--:--"

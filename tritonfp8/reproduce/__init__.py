@@ -1,0 +1,173 @@
+"""``python -m tritonfp8 reproduce``: the seed paper's findings on real data, with tables and plots.
+
+Mellempudi et al. 2019 claim that with E5M2 everywhere, enhanced loss scaling,
+stochastic rounding and fp16 master weights, training matches fp32, while vanilla
+FP8 does not. This command trains the arms of :data:`config.ARMS` (fp32, bf16, the
+FP8 ladder from vanilla to the full recipe, two ablations, and the hybrid and
+blockwise recipes for comparison) from the same initial weights and data order per
+seed on:
+
+* ``fashion-cnn``: a small CNN on Fashion-MNIST (IDX files; ``apt-get install -y
+  dataset-fashion-mnist``);
+* ``fashion-resnet``: a small ResNet on Fashion-MNIST (opt-in: slow on a CPU);
+* ``text-gpt``: a byte-level GPT on the running Python's standard library sources.
+
+and writes to ``--out``: ``report.md`` (tables, findings, the layers that ran in
+fp8), ``results.json`` (every number, the exact configuration, versions) and PNG
+plots of the curves and the loss-scale trajectories.
+
+Without options it runs the quick configuration (``fashion-cnn`` and ``text-gpt``,
+one seed, a fraction of an epoch; about 10 minutes on 2 CPU cores); ``--full`` runs
+3 seeds and longer schedules. CPU tensors run the PyTorch reference of every fp8 op,
+CUDA tensors the Triton kernels (``--device``), with the same numerics.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from .config import ARM_ORDER, ARMS, DEFAULT_TASKS, TASKS, TaskConfig, parse_override, select_arms, task_config
+
+__all__ = ["main", "reproduce", "build_parser", "ARMS", "TASKS", "TaskConfig", "task_config"]
+
+
+def build_parser(prog: str = "python -m tritonfp8 reproduce") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Reproduce Mellempudi et al. 2019's FP8 training findings on Fashion-MNIST and text.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Arms: " + ", ".join(ARM_ORDER) + "\nTask fields for --set: see tritonfp8/reproduce/config.py",
+    )
+    p.add_argument("--task", action="append", choices=TASKS, metavar="TASK",
+                   help=f"{', '.join(TASKS)} (repeatable; default: {' and '.join(DEFAULT_TASKS)})")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the quick configuration (the default)")
+    mode.add_argument("--full", action="store_true", help="the full configuration (3 seeds, longer schedules)")
+    p.add_argument("--epochs", type=int, help="epochs per run (text-gpt: blocks of steps_per_epoch steps)")
+    p.add_argument("--seeds", type=int, help="seeds 0..S-1 per arm")
+    p.add_argument("--arms", help="comma-separated subset of the arms (fp32 is always included)")
+    p.add_argument("--out", help="output directory (default: ./reproduce-<date>-<time>)")
+    p.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (default: $TRITONFP8_FASHION_MNIST, "
+                                      "then /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    p.add_argument("--jobs", type=int, help="runs in parallel worker processes (default: the CPU cores on cpu, 1 on cuda)")
+    p.add_argument("--threads", type=int, help="torch threads per worker (default: cores / jobs)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a task constant, e.g. --set lr=0.1 --set train_size=10000 (all tasks)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reproduce(tasks: list[TaskConfig], arm_names: Optional[list[str]], out: Path, workers: int = 1,
+              threads: Optional[int] = None, show_progress: bool = True, command: str = "") -> dict:
+    """Run every task x arm x seed, write report.md / results.json / plots into ``out``; return the result dict."""
+    from . import report, runner
+    from .tasks import dataset_description
+
+    arms = select_arms(arm_names)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    env = report.environment(tasks[0].device)
+    datasets = {cfg.task: dataset_description(cfg) for cfg in tasks}  # fails early if data is missing
+    jobs = [(cfg, arm, seed) for cfg in tasks for arm in arms for seed in range(cfg.seeds)]
+    cores = os.cpu_count() or 1
+    workers = max(1, min(workers, len(jobs)))
+    threads = threads or max(1, cores // workers)
+    print(f"reproduce: {len(jobs)} runs ({', '.join(c.task for c in tasks)}; {len(arms)} arms; "
+          f"{workers} worker(s) x {threads} thread(s); backend {env['backend']}) -> {out}", file=sys.stderr)
+    runs = runner.run_all(jobs, workers=workers, threads=threads, show_progress=show_progress)
+    wall = time.perf_counter() - started
+    result = {
+        "command": command, "date": date, "wall_s": wall, "workers": workers, "threads": threads,
+        "tasks": [c.task for c in tasks], "arms": [a.name for a in arms],
+        "arm_definitions": {a.name: a.as_dict() for a in arms},
+        "environment": env, "results": {},
+    }
+    for cfg in tasks:
+        task_runs = [r for r in runs if r["task"] == cfg.task]
+        summary = report.summarize(cfg, task_runs)
+        result["results"][cfg.task] = {
+            "config": cfg.as_dict(), "dataset": datasets[cfg.task], "summary": summary,
+            "findings": report.findings(cfg, summary), "runs": task_runs,
+        }
+        result["results"][cfg.task]["plots"] = report.plots(cfg.task, task_runs, summary, out)
+    (out / "report.md").write_text(report.markdown(result))
+    report.write_json(result, out / "results.json")
+    return result
+
+
+def main(argv=None, prog: str = "python -m tritonfp8 reproduce") -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    from .. import data as tfdata
+
+    try:
+        overrides = dict(parse_override(s) for s in args.set)
+        arm_names = [a.strip() for a in args.arms.split(",") if a.strip()] if args.arms else None
+        select_arms(arm_names)
+    except ValueError as e:
+        parser.error(str(e))
+    device = args.device or _default_device()
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available")
+    overrides.update(device=device)
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    task_names = list(dict.fromkeys(args.task or DEFAULT_TASKS))
+    try:
+        tasks = [task_config(t, full=args.full, epochs=args.epochs, seeds=args.seeds, **overrides) for t in task_names]
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
+    for cfg in tasks:
+        if cfg.task.startswith("fashion"):
+            try:
+                tfdata.find_fashion_mnist(cfg.data_dir)
+            except tfdata.DatasetMissing as e:
+                print(f"error: task {cfg.task} needs Fashion-MNIST.\n{e}", file=sys.stderr)
+                return 2
+    jobs = args.jobs or (1 if device == "cuda" else (os.cpu_count() or 1))
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
+    out = Path(args.out or f"reproduce-{stamp}")
+    given = list(argv) if argv is not None else sys.argv[1:]
+    command = " ".join([prog, *(shlex.quote(a) for a in given)])
+    try:
+        result = reproduce(tasks, arm_names, out, workers=jobs, threads=args.threads,
+                           show_progress=not args.no_progress, command=command)
+    except (tfdata.DatasetMissing, tfdata.IDXError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(_console_summary(result, out))
+    return 0
+
+
+def _console_summary(result: dict, out: Path) -> str:
+    lines = []
+    for task, t in result["results"].items():
+        metric = "val loss" if task == "text-gpt" else "test acc %"
+        lines.append(f"\n{task}: {metric} (mean over {len(next(iter(t['summary'].values()))['finals'])} seed(s))")
+        for name, s in t["summary"].items():
+            gap = "" if name == "fp32" else f"  gap {s['gap_to_fp32']:+.4g}"
+            uf = s["underflow_fraction"]
+            lines.append(f"  {name:<20} {s['mean']:.4g}{gap:<16} skipped {s['skipped_steps']:.0f}"
+                         f"  underflow {'-' if uf is None else f'{100 * uf:.3g}%'}"
+                         f"  step {s['step_time_vs_fp32']:.1f}x fp32")
+        for f in t["findings"]:
+            mark = {True: "HOLDS", False: "DOES NOT HOLD", None: "note"}[f["holds"]]
+            lines.append(f"  [{mark}] {f['claim']}: {f['text']}")
+    lines.append(f"\nwall time {result['wall_s'] / 60:.1f} min; report: {out / 'report.md'}")
+    return "\n".join(lines)

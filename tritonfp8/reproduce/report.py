@@ -1,0 +1,377 @@
+"""The reproduction's outputs: summary numbers, findings, a markdown report, JSON, PNG plots."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .config import ARMS, ARM_ORDER, TaskConfig
+
+FULL = "mellempudi2019"
+ABLATIONS = ("fp8-vanilla", "fp8+dynamic-ls", "fp8+enhanced-ls", "abl-nearest-grads", "abl-nearest-master")
+ACC_TOLERANCE = 0.3       # points of test accuracy: the issue's "within 0.3 points of fp32"
+LOSS_TOLERANCE = 0.01     # relative validation loss: "within 1% of fp32"
+VISIBLE_SE = 2.0          # "visibly worse" also needs the gap to exceed this many standard errors
+
+
+def _mean(xs):
+    return statistics.fmean(xs) if xs else math.nan
+
+
+def _std(xs):
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def _pool(runs, num, den):
+    n = sum(r[num] for r in runs)
+    d = sum(r[den] for r in runs)
+    return n / d if d else None
+
+
+def summarize(cfg: TaskConfig, runs: list[dict]) -> dict:
+    """Per arm: the final metric over seeds (mean, std, min, max), gaps to fp32, skips, underflow, timing."""
+    by_arm: dict[str, list] = {}
+    for r in runs:
+        by_arm.setdefault(r["arm"], []).append(r)
+    base = by_arm.get("fp32")
+    base_mean = _mean([r["final"] for r in base]) if base else math.nan
+    base_step = _mean([r["step_time_s"] for r in base]) if base else math.nan
+    base_cpu = _mean([r["step_cpu_s"] for r in base]) if base else math.nan
+    out = {}
+    for name in [a for a in ARM_ORDER if a in by_arm]:
+        rs = sorted(by_arm[name], key=lambda r: r["seed"])
+        finals = [r["final"] for r in rs]
+        mean = _mean(finals)
+        fp8_layers = sorted(k.rsplit(".", 1)[0] for k, v in rs[0]["layers"].items()
+                            if v.get("fp8_calls", v.get("fp8", 0)))
+        hp_layers = sorted(k.rsplit(".", 1)[0] for k, v in rs[0]["layers"].items()
+                           if not v.get("fp8_calls", v.get("fp8", 0)))
+        step = _mean([r["step_time_s"] for r in rs])
+        cpu = _mean([r["step_cpu_s"] for r in rs])
+        out[name] = {
+            "seeds": [r["seed"] for r in rs], "finals": finals, "mean": mean, "std": _std(finals),
+            "min": min(finals), "max": max(finals),
+            "gap_to_fp32": mean - base_mean,
+            "rel_gap_to_fp32": (mean - base_mean) / base_mean if base_mean else math.nan,
+            "skipped_steps": _mean([r["skipped_steps"] for r in rs]), "steps": rs[0]["steps"],
+            "nonfinite_losses": sum(r["nonfinite_losses"] for r in rs),
+            "underflow_fraction": _pool(rs, "error_underflow", "error_nonzero"),
+            "saturation_fraction": _pool(rs, "error_saturated", "error_values"),
+            "fp8_layers": fp8_layers, "high_precision_layers": hp_layers,
+            "step_time_s": step, "step_cpu_s": cpu,
+            "step_time_vs_fp32": step / base_step if base_step else math.nan,
+            "step_cpu_vs_fp32": cpu / base_cpu if base_cpu else math.nan,
+            "final_scale": [r["final_scale"] for r in rs],
+        }
+    return out
+
+
+def _diff_se(a: dict, b: dict) -> float:
+    """Standard error of mean(a) - mean(b) over seeds (0 with a single seed)."""
+    return math.sqrt(a["std"] ** 2 / len(a["finals"]) + b["std"] ** 2 / len(b["finals"]))
+
+
+def findings(cfg: TaskConfig, summary: dict) -> list[dict]:
+    """The issue's checks on this task, each {'claim', 'holds' (True/False/None), 'text'}."""
+    out = []
+    fp32, full = summary.get("fp32"), summary.get(FULL)
+    n = len(full["finals"]) if full else 0
+    few = f" Only {n} seed(s): the claim asks for at least 3 (use --full or --seeds 3)." if n < 3 else ""
+    if cfg.metric == "test_acc":
+        if fp32 and full:
+            gap = full["mean"] - fp32["mean"]
+            holds = gap >= -ACC_TOLERANCE
+            out.append({"claim": f"full recipe within {ACC_TOLERANCE} points of fp32 (or better)", "holds": holds,
+                        "text": f"{FULL}: {full['mean']:.2f}% +- {full['std']:.2f} vs fp32 {fp32['mean']:.2f}% +- "
+                                f"{fp32['std']:.2f} over {n} seed(s): gap {gap:+.2f} points -> "
+                                f"{'holds' if holds else 'DOES NOT hold'}.{few}"})
+        if full:
+            worse = []
+            lines = []
+            for name in ABLATIONS:
+                a = summary.get(name)
+                if a is None:
+                    continue
+                d = a["mean"] - full["mean"]
+                se = _diff_se(a, full)
+                visible = d < -ACC_TOLERANCE and (n < 2 or -d > VISIBLE_SE * se)
+                if visible:
+                    worse.append(name)
+                lines.append(f"{name} {a['mean']:.2f}% ({d:+.2f} points vs the full recipe, "
+                             f"{a['gap_to_fp32']:+.2f} vs fp32{f', SE of the difference {se:.2f}' if n > 1 else ''})"
+                             f"{' VISIBLY WORSE' if visible else ''}")
+            if lines:
+                out.append({
+                    "claim": "at least one ablation visibly worse than the full recipe "
+                             f"(by > {ACC_TOLERANCE} points and > {VISIBLE_SE:g} standard errors)",
+                    "holds": bool(worse),
+                    "text": ("; ".join(lines) + ". " +
+                             (f"Visibly worse: {', '.join(worse)}." if worse else "No ablation is visibly worse.") + few),
+                })
+    else:
+        if fp32 and full:
+            rel = (full["mean"] - fp32["mean"]) / fp32["mean"]
+            holds = rel <= LOSS_TOLERANCE
+            out.append({"claim": f"full recipe's validation loss within {100 * LOSS_TOLERANCE:g}% of fp32", "holds": holds,
+                        "text": f"{FULL}: {full['mean']:.4f} +- {full['std']:.4f} vs fp32 {fp32['mean']:.4f} +- "
+                                f"{fp32['std']:.4f} nats/byte over {n} seed(s): {100 * rel:+.2f}% -> "
+                                f"{'holds' if holds else 'DOES NOT hold'}."})
+        if full:
+            lines = []
+            for name in ABLATIONS:
+                a = summary.get(name)
+                if a is not None:
+                    lines.append(f"{name} {a['mean']:.4f} ({100 * a['rel_gap_to_fp32']:+.2f}% vs fp32)")
+            if lines:
+                out.append({"claim": "ablations on the text task (for information)", "holds": None,
+                            "text": "; ".join(lines) + "."})
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> Optional[str]:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: str) -> dict:
+    import numpy
+    import torch
+    import triton
+
+    import tritonfp8
+    from ..backend import resolve
+
+    try:
+        import matplotlib
+        mpl = matplotlib.__version__
+    except ImportError:
+        mpl = None
+    env = {
+        "python": sys.version.split()[0], "torch": torch.__version__, "triton": triton.__version__,
+        "numpy": numpy.__version__, "matplotlib": mpl, "tritonfp8": tritonfp8.__version__, "git_commit": _git_commit(),
+        "platform": platform.platform(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "device": device,
+        "backend": resolve(device),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+# ----------------------------------------------------------------------------
+# Markdown, JSON, plots
+# ----------------------------------------------------------------------------
+
+_METRIC_LABEL = {"test_acc": "test accuracy (%)", "val_loss": "validation loss (nats/byte)"}
+
+
+def _fmt_frac(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{100 * x:.3g}%" if x else "0"
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# tritonfp8 reproduce: {', '.join(result['tasks'])}", ""]
+    env = result["environment"]
+    lines += [
+        f"Command: `{result['command']}`  ",
+        f"Date: {result['date']}; wall time {result['wall_s'] / 60:.1f} min with {result['workers']} worker "
+        f"process(es) x {result['threads']} thread(s); {env['cpu']} ({env['cpu_count']} cores"
+        f"{', load average at start %.1f' % env['load_average'][0] if env.get('load_average') else ''}); "
+        f"backend `{env['backend']}` on {env['device']}.  ",
+        f"Versions: tritonfp8 {env['tritonfp8']} (commit {env['git_commit']}), torch {env['torch']}, "
+        f"triton {env['triton']}, numpy {env['numpy']}, Python {env['python']}.",
+        "",
+        "Arms (all from the same initial weights and data order per seed):",
+        "",
+    ]
+    for name in result["arms"]:
+        lines.append(f"- `{name}`: {ARMS[name].description}")
+    for task, t in result["results"].items():
+        cfg = t["config"]
+        metric = cfg["task"] == "text-gpt" and "val_loss" or "test_acc"
+        lines += ["", f"## {task}", "", _task_intro(task, t), ""]
+        better = "lower is better" if metric == "val_loss" else "higher is better"
+        lines += [
+            f"| arm | {_METRIC_LABEL[metric]} ({better}) | gap to fp32 | skipped steps | error underflow | "
+            f"error saturation | step time vs fp32 (wall / CPU) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, s in t["summary"].items():
+            if metric == "val_loss":
+                val = f"{s['mean']:.4f} +- {s['std']:.4f}"
+                gap = "-" if name == "fp32" else f"{s['gap_to_fp32']:+.4f} ({100 * s['rel_gap_to_fp32']:+.2f}%)"
+            else:
+                val = f"{s['mean']:.2f} +- {s['std']:.2f} [{s['min']:.2f}, {s['max']:.2f}]"
+                gap = "-" if name == "fp32" else f"{s['gap_to_fp32']:+.2f}"
+            nf = f", {s['nonfinite_losses']} non-finite losses" if s["nonfinite_losses"] else ""
+            lines.append(
+                f"| `{name}` | {val} | {gap} | {s['skipped_steps']:.0f} / {s['steps']}{nf} | "
+                f"{_fmt_frac(s['underflow_fraction'])} | {_fmt_frac(s['saturation_fraction'])} | "
+                f"{s['step_time_vs_fp32']:.1f}x / {s['step_cpu_vs_fp32']:.1f}x ({1e3 * s['step_time_s']:.0f} ms) |")
+        n = len(next(iter(t["summary"].values()))["finals"])
+        lines += ["", f"Mean +- standard deviation over {n} seed(s)"
+                      f"{' [min, max]' if metric == 'test_acc' else ''}. Error underflow: nonzero error values "
+                      "(gradients w.r.t. the outputs of the fp8 layers, after loss scaling) that the fp8 cast "
+                      "flushed to zero, out of all nonzero ones, over the run; saturation: error values that "
+                      "rounded above the format's max. Step time: median per training step.", ""]
+        lines += ["Layers in fp8 (from the fp8 autocast summary; every other layer, BatchNorm / LayerNorm, "
+                  "embeddings, the attention core and the loss run in high precision):", ""]
+        seen = {}
+        for name, s in t["summary"].items():
+            key = (tuple(s["fp8_layers"]), tuple(s["high_precision_layers"]))
+            seen.setdefault(key, []).append(name)
+        for (fp8, hp), names in seen.items():
+            lines.append(f"- {', '.join(f'`{x}`' for x in names)}: fp8: {', '.join(fp8) or 'none'}; "
+                         f"high precision: {', '.join(hp) or ('all' if not fp8 else 'none')}")
+        lines += ["", "Findings:", ""]
+        for f in t["findings"]:
+            mark = {True: "holds", False: "DOES NOT hold", None: "note"}[f["holds"]]
+            lines.append(f"- **{f['claim']}** ({mark}): {f['text']}")
+        for p in t.get("plots", []):
+            lines += ["", f"![{task}]({p})"]
+    lines += ["", "Generated by `python -m tritonfp8 reproduce`; every number is in `results.json`.", ""]
+    return "\n".join(lines)
+
+
+def _task_intro(task: str, t: dict) -> str:
+    cfg, data = t["config"], t["dataset"]
+    if task == "text-gpt":
+        return (f"Byte-level GPT ({cfg['n_layers']} layers, d_model {cfg['d_model']}, {cfg['n_heads']} heads, "
+                f"context {cfg['seq_len']}) on {data['name']}: {data['bytes'] / 1e6:.1f} MB in {data['files']} files "
+                f"(sha256 {data['sha256'][:12]}), last 10% for validation ({data['val_tokens']} predicted bytes). "
+                f"{cfg['epochs']} x {cfg['steps_per_epoch']} steps of batch {cfg['batch_size']}, "
+                f"{cfg['optimizer']} lr {cfg['lr']}.")
+    model = (f"CNN (conv {cfg['cnn_channels'][0]}-{cfg['cnn_channels'][1]}, fc {cfg['cnn_hidden']})"
+             if task == "fashion-cnn" else f"ResNet (width {cfg['resnet_width']}, {cfg['resnet_blocks']} block(s) per stage)")
+    return (f"{model} on Fashion-MNIST: {data['train_images']} training images, {cfg['epochs']} epoch(s) of batch "
+            f"{cfg['batch_size']} ({cfg['optimizer']} lr {cfg['lr']}, momentum {cfg['momentum']}, weight decay "
+            f"{cfg['weight_decay']}, cosine); final accuracy on {data['test_images']} test images, curves on "
+            f"{cfg['curve_eval_size']} held-out training images.")
+
+
+def _round(x, digits=6):
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}") if math.isfinite(x) else str(x)
+    if isinstance(x, dict):
+        return {k: _round(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_round(v, digits) for v in x]
+    return x
+
+
+_FLAT_LIST = re.compile(r"\[\s*([^\[\]{}]*?)\s*\]")
+
+
+def write_json(result: dict, path: Path) -> None:
+    """Indented JSON with every list that holds no list or dict on one line (per-step arrays stay compact)."""
+    text = json.dumps(_round(result), indent=1, sort_keys=False)
+    text = _FLAT_LIST.sub(lambda m: "[" + re.sub(r"\s*\n\s*", " ", m.group(1)) + "]", text)
+    path.write_text(text + "\n")
+
+
+def plots(task: str, runs: list[dict], summary: dict, out_dir: Path) -> list[str]:
+    """PNG plots: curves per arm (train loss, validation metric) and loss scale / underflow per arm."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+        return []
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(ARM_ORDER)}
+    by_arm: dict[str, list] = {}
+    for r in runs:
+        by_arm.setdefault(r["arm"], []).append(r)
+    metric = runs[0]["metric"]
+    files = []
+
+    def mean_curve(rs, key):
+        steps = [p["step"] for p in rs[0]["curve"]]
+        vals = []
+        for i in range(len(steps)):
+            xs = [r["curve"][i][key] for r in rs if i < len(r["curve"]) and r["curve"][i][key] is not None]
+            vals.append(_mean(xs) if xs else math.nan)
+        return steps, vals
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, rs in by_arm.items():
+        style = "-" if name in ("fp32", FULL) else "--"
+        width = 2.2 if name in ("fp32", FULL) else 1.2
+        for ax, key in ((axes[0], "train_loss"), (axes[1], "val")):
+            s, v = mean_curve(rs, key)
+            ax.plot(s, v, style, color=colors[name], lw=width, marker="o", ms=3, label=name)
+    axes[0].set_title("training loss (mean over each evaluation interval)")
+    axes[0].set_xlabel("step")
+    axes[1].set_title(("validation accuracy (%)" if metric == "test_acc" else "validation loss (nats/byte)"))
+    axes[1].set_xlabel("step")
+    if metric == "test_acc":
+        finals = [p["val"] for rs in by_arm.values() for r in rs for p in r["curve"][len(r["curve"]) // 2:]]
+        if finals:
+            axes[1].set_ylim(max(0.0, min(finals) - 1.0), min(100.0, max(finals) + 0.5))
+    n = len(next(iter(by_arm.values())))
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{task}: mean over {n} seed(s)")
+    fig.tight_layout()
+    name = f"{task}-curves.png"
+    fig.savefig(out_dir / name, dpi=90)
+    plt.close(fig)
+    files.append(name)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for arm, rs in by_arm.items():
+        r = min(rs, key=lambda r: r["seed"])
+        if ARMS[arm].loss_scaling:
+            xs = [step for step, _ in r["loss_scale"]] + [r["steps"]]
+            ys = [scale for _, scale in r["loss_scale"]]
+            axes[0].step(xs, ys + ys[-1:], where="post", color=colors[arm], label=arm)
+        pts = [(p["step"], p["underflow_fraction"]) for p in r["curve"] if p["underflow_fraction"]]
+        if pts:
+            axes[1].plot(*zip(*pts), marker="o", ms=3, color=colors[arm], label=arm)
+    axes[0].set_yscale("log", base=2)
+    axes[0].set_title("loss scale (seed %d)" % min(r["seed"] for r in runs))
+    axes[0].set_xlabel("step")
+    axes[1].set_yscale("log")
+    axes[1].set_title("error values flushed to zero by the fp8 cast (fraction of nonzero)")
+    axes[1].set_xlabel("step")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    name = f"{task}-loss-scale.png"
+    fig.savefig(out_dir / name, dpi=90)
+    plt.close(fig)
+    files.append(name)
+    return files
