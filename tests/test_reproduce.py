@@ -2,12 +2,12 @@
 a slice of the text corpus), the error paths, the findings logic and the progress bar."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 
 import pytest
-import torch
 
 from test_data import make_fashion_dir
 from tritonfp8 import cli
@@ -25,8 +25,6 @@ def smoke(tmp_path_factory):
     make_fashion_dir(root / "fm", n_train=320, n_test=64)
     out = root / "out"
     err = io.StringIO()
-    import contextlib
-
     with contextlib.redirect_stderr(err):
         rc = cli.main(["reproduce", "--task", "fashion-cnn", "--task", "text-gpt", "--data-dir", str(root / "fm"),
                        "--out", str(out), "--jobs", "1", "--threads", "1", "--device", "cpu", *TINY])
@@ -89,6 +87,32 @@ def test_run_one_is_deterministic():
     c = runner.run_one(cfg, rconfig.ARMS["mellempudi2019"], seed=6)
     assert a["train_loss"] == b["train_loss"] and a["final"] == b["final"]
     assert c["train_loss"] != a["train_loss"]
+
+
+def test_an_interrupted_invocation_resumes(tmp_path, monkeypatch):
+    from tritonfp8 import reproduce as rp
+
+    cfg = rconfig.task_config("text-gpt", steps_per_epoch=2, evals_per_epoch=1, val_windows=2, corpus_bytes=100_000)
+    calls = []
+    real = runner.run_one
+
+    def flaky(cfg, arm, seed, progress=None):
+        calls.append(arm.name)
+        if len(calls) == 3:
+            raise RuntimeError("interrupted")
+        return real(cfg, arm, seed, progress)
+
+    monkeypatch.setattr(runner, "run_one", flaky)
+    arms = ["fp8-vanilla", "hybrid"]  # with fp32: three runs
+    with pytest.raises(RuntimeError, match="interrupted"):
+        rp.reproduce([cfg], arms, tmp_path, show_progress=False)
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 2
+    calls.clear()
+    result = rp.reproduce([cfg], arms, tmp_path, show_progress=False)
+    assert calls == ["hybrid"] and result["resumed_runs"] == 2
+    assert [r["arm"] for r in result["results"]["text-gpt"]["runs"]] == ["fp32", "fp8-vanilla", "hybrid"]
+    assert not (tmp_path / "runs").exists() and (tmp_path / "results.json").is_file()
+    assert "2 runs resumed" in (tmp_path / "report.md").read_text()
 
 
 def test_missing_data_set_exits_with_instructions(tmp_path, capsys):

@@ -226,15 +226,17 @@ class Trainer:
             stack.enter_context(torch.autocast(device_type, dtype=self.amp_dtype))
         return stack
 
-    def forward(self, inputs):
-        """The model's output for ``inputs`` in the trainer's precision (fp8 autocast / amp).
+    def forward(self, inputs, target=None):
+        """The model's output for ``inputs`` in the trainer's precision (fp8 autocast / amp);
+        with ``target``, (output, loss), the loss computed in the same regions.
 
         Does not change train / eval mode or grad mode: wrap in ``torch.no_grad()`` to evaluate.
         """
         args = _to_args(inputs)
         device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
-        with self._regions(device_type):
-            return self.model(*args)
+        with self._regions(device_type):  # the loss too, so torch.autocast picks its fp32 loss ops
+            output = self.model(*args)
+            return output if target is None else (output, self.loss_fn(output, target))
 
     # -- one step ------------------------------------------------------------------
 
@@ -253,11 +255,7 @@ class Trainer:
             stack.enter_context(tracking(self._tracker))
             if self.stats is not None:
                 stack.enter_context(collecting(self.stats))
-            args = _to_args(inputs)
-            device_type = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
-            with self._regions(device_type):  # the loss too, so torch.autocast picks its fp32 loss ops
-                output = self.model(*args)
-                loss = self.loss_fn(output, target)
+            output, loss = self.forward(inputs, target)
             (scaler.scale(loss) if scaling else loss).backward()
         if self.max_grad_norm is not None:
             if scaling:

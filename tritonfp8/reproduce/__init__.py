@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
+import json
 import os
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -82,15 +85,30 @@ def reproduce(tasks: list[TaskConfig], arm_names: Optional[list[str]], out: Path
     env = report.environment(tasks[0].device)
     datasets = {cfg.task: dataset_description(cfg) for cfg in tasks}  # fails early if data is missing
     jobs = [(cfg, arm, seed) for cfg in tasks for arm in arms for seed in range(cfg.seeds)]
+    # Every finished run is saved under out/runs/, keyed by its exact configuration, so an
+    # interrupted invocation resumes where it stopped (delete the directory to start afresh).
+    run_dir = out / "runs"
+    run_dir.mkdir(exist_ok=True)
+    paths = [run_dir / _run_file(cfg, arm, seed) for cfg, arm, seed in jobs]
+    runs: list = [json.loads(p.read_text()) if p.is_file() else None for p in paths]
+    todo = [i for i, r in enumerate(runs) if r is None]
     cores = os.cpu_count() or 1
-    workers = max(1, min(workers, len(jobs)))
+    workers = max(1, min(workers, len(todo) or 1))
     threads = threads or max(1, cores // workers)
-    print(f"reproduce: {len(jobs)} runs ({', '.join(c.task for c in tasks)}; {len(arms)} arms; "
+    print(f"reproduce: {len(jobs)} runs ({', '.join(c.task for c in tasks)}; {len(arms)} arms"
+          f"{f'; {len(jobs) - len(todo)} resumed from {run_dir}' if len(todo) < len(jobs) else ''}; "
           f"{workers} worker(s) x {threads} thread(s); backend {env['backend']}) -> {out}", file=sys.stderr)
-    runs = runner.run_all(jobs, workers=workers, threads=threads, show_progress=show_progress)
+
+    def save(k, run):
+        runs[todo[k]] = run
+        paths[todo[k]].write_text(json.dumps(run))
+
+    runner.run_all([jobs[i] for i in todo], workers=workers, threads=threads, show_progress=show_progress,
+                   on_result=save)
     wall = time.perf_counter() - started
     result = {
         "command": command, "date": date, "wall_s": wall, "workers": workers, "threads": threads,
+        "resumed_runs": len(jobs) - len(todo),
         "tasks": [c.task for c in tasks], "arms": [a.name for a in arms],
         "arm_definitions": {a.name: a.as_dict() for a in arms},
         "environment": env, "results": {},
@@ -105,7 +123,13 @@ def reproduce(tasks: list[TaskConfig], arm_names: Optional[list[str]], out: Path
         result["results"][cfg.task]["plots"] = report.plots(cfg.task, task_runs, summary, out)
     (out / "report.md").write_text(report.markdown(result))
     report.write_json(result, out / "results.json")
+    shutil.rmtree(run_dir, ignore_errors=True)  # everything is in results.json now
     return result
+
+
+def _run_file(cfg: TaskConfig, arm, seed: int) -> str:
+    key = json.dumps([cfg.as_dict(), arm.as_dict(), seed], sort_keys=True, default=str)
+    return f"{cfg.task}.{arm.name}.seed{seed}.{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
 
 
 def main(argv=None, prog: str = "python -m tritonfp8 reproduce") -> int:

@@ -207,7 +207,9 @@ def markdown(result: dict) -> str:
     env = result["environment"]
     lines += [
         f"Command: `{result['command']}`  ",
-        f"Date: {result['date']}; wall time {result['wall_s'] / 60:.1f} min with {result['workers']} worker "
+        f"Date: {result['date']}; wall time {result['wall_s'] / 60:.1f} min"
+        f"{' (this invocation; %d runs resumed from an earlier one)' % result['resumed_runs'] if result.get('resumed_runs') else ''}"
+        f" with {result['workers']} worker "
         f"process(es) x {result['threads']} thread(s); {env['cpu']} ({env['cpu_count']} cores"
         f"{', load average at start %.1f' % env['load_average'][0] if env.get('load_average') else ''}); "
         f"backend `{env['backend']}` on {env['device']}.  ",

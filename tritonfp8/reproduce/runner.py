@@ -246,11 +246,12 @@ def _worker(key, cfg: TaskConfig, arm_name: str, seed: int) -> tuple:
 
 
 def run_all(jobs: list[tuple[TaskConfig, Arm, int]], workers: int = 1, threads: Optional[int] = None,
-            show_progress: bool = True, stream=None) -> list[dict]:
+            show_progress: bool = True, stream=None,
+            on_result: Optional[Callable[[int, dict], None]] = None) -> list[dict]:
     """Run every (config, arm, seed); ``workers`` > 1 runs them in that many spawned processes.
 
-    ``threads``: torch threads per run (default: all cores / workers). Returns the results
-    in the order of ``jobs``.
+    ``threads``: torch threads per run (default: all cores / workers). ``on_result(i, result)``
+    is called as each run finishes (e.g. to save it). Returns the results in the order of ``jobs``.
     """
     costs = [run_cost(cfg, arm) for cfg, arm, _ in jobs]
     bar = Progress(sum(costs), stream=stream, enabled=show_progress)
@@ -273,6 +274,8 @@ def run_all(jobs: list[tuple[TaskConfig, Arm, int]], workers: int = 1, threads: 
                     done[i] = units
                     bar.update(sum(done), note=label(i))
                 results[i] = run_one(cfg, arm, seed, progress)
+                if on_result is not None:
+                    on_result(i, results[i])
                 done[i] = costs[i]
                 bar.update(sum(done), note=label(i), force=True)
         finally:
@@ -286,7 +289,10 @@ def run_all(jobs: list[tuple[TaskConfig, Arm, int]], workers: int = 1, threads: 
 
     ctx = mp.get_context("spawn")  # no fork: the parent's thread pools must not leak into workers
     q = ctx.Manager().Queue()
-    order = sorted(range(len(jobs)), key=lambda i: -costs[i])  # longest first packs the workers best
+    # Task by task (an interrupted invocation leaves whole tasks done), longest first within a task
+    # (packs the workers best).
+    rank = {t: k for k, t in enumerate(dict.fromkeys(cfg.task for cfg, _, _ in jobs))}
+    order = sorted(range(len(jobs)), key=lambda i: (rank[jobs[i][0].task], -costs[i]))
     running: set = set()
     with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(threads, q)) as pool:
         futures = {pool.submit(_worker, i, jobs[i][0], jobs[i][1].name, jobs[i][2]): i for i in order}
@@ -308,6 +314,8 @@ def run_all(jobs: list[tuple[TaskConfig, Arm, int]], workers: int = 1, threads: 
                     raise f.exception()
                 i, result = f.result()
                 results[i] = result
+                if on_result is not None:
+                    on_result(i, result)
                 done[i] = costs[i]
                 running.discard(i)
             bar.update(sum(done), note="; ".join(label(i) for i in sorted(running))[:90])
