@@ -115,6 +115,20 @@ def test_an_interrupted_invocation_resumes(tmp_path, monkeypatch):
     assert "2 runs resumed" in (tmp_path / "report.md").read_text()
 
 
+def test_finishing_keeps_run_files_of_other_invocations(tmp_path):
+    # Two invocations into the same --out (one task each): the first to finish must not delete the
+    # other's saved runs.
+    from tritonfp8 import reproduce as rp
+
+    cfg = rconfig.task_config("text-gpt", steps_per_epoch=2, evals_per_epoch=1, val_windows=2, corpus_bytes=100_000)
+    (tmp_path / "runs").mkdir()
+    foreign = tmp_path / "runs" / "fashion-cnn.fp32.seed0.0123456789.json"
+    foreign.write_text("{}")
+    rp.reproduce([cfg], ["fp32"], tmp_path, show_progress=False)
+    assert foreign.read_text() == "{}"
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [foreign.name]
+
+
 def test_missing_data_set_exits_with_instructions(tmp_path, capsys):
     rc = cli.main(["reproduce", "--task", "fashion-cnn", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
     assert rc == 2

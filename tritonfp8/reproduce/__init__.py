@@ -29,7 +29,6 @@ import hashlib
 import json
 import os
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -123,7 +122,12 @@ def reproduce(tasks: list[TaskConfig], arm_names: Optional[list[str]], out: Path
         result["results"][cfg.task]["plots"] = report.plots(cfg.task, task_runs, summary, out)
     (out / "report.md").write_text(report.markdown(result))
     report.write_json(result, out / "results.json")
-    shutil.rmtree(run_dir, ignore_errors=True)  # everything is in results.json now
+    # Everything is in results.json now; remove only this invocation's run files (another
+    # invocation into the same --out, e.g. for another task, may still need its own).
+    for p in paths:
+        p.unlink(missing_ok=True)
+    if not any(run_dir.iterdir()):
+        run_dir.rmdir()
     return result
 
 
