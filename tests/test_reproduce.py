@@ -115,6 +115,46 @@ def test_an_interrupted_invocation_resumes(tmp_path, monkeypatch):
     assert "2 runs resumed" in (tmp_path / "report.md").read_text()
 
 
+def test_readme_section_is_written_between_the_markers(smoke, tmp_path, capsys):
+    rc, out, err = smoke
+    assert rc == 0, err
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{report.README_BEGIN}\nstale table\n{report.README_END}\n\n## after\n")
+    assert cli.main(["reproduce", "--from-results", str(out), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# title\n\n" + report.README_BEGIN) and text.endswith(report.README_END + "\n\n## after\n")
+    assert "stale table" not in text
+    result = json.loads((out / "results.json").read_text())
+    for task, t in result["results"].items():
+        assert f"**{task}**" in text
+        assert "| `mellempudi2019` |" in text
+        for f in t["findings"]:
+            assert f["claim"] in text
+    # the plot link is relative to the README and points at the file
+    link = text.split("![fashion-cnn curves](", 1)[1].split(")", 1)[0]
+    assert (readme.parent / link).resolve() == (out / "fashion-cnn-curves.png").resolve()
+    # a second write replaces the section instead of adding one
+    assert cli.main(["reproduce", "--from-results", str(out), "--readme", str(readme)]) == 0
+    assert readme.read_text() == text
+
+
+def test_readme_without_markers_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    monkeypatch.setattr(runner, "run_all", lambda *a, **k: pytest.fail("trained despite a bad --readme"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["reproduce", "--task", "text-gpt", "--readme", str(readme), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert "reproduce:begin" in capsys.readouterr().err
+    assert readme.read_text() == "# no markers\n"
+
+
+def test_from_results_without_a_run_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["reproduce", "--from-results", str(tmp_path)])
+    assert e.value.code == 2 and "results.json" in capsys.readouterr().err
+
+
 def test_finishing_keeps_run_files_of_other_invocations(tmp_path):
     # Two invocations into the same --out (one task each): the first to finish must not delete the
     # other's saved runs.

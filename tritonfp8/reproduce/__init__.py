@@ -62,6 +62,10 @@ def build_parser(prog: str = "python -m tritonfp8 reproduce") -> argparse.Argume
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a task constant, e.g. --set lr=0.1 --set train_size=10000 (all tasks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--readme", metavar="PATH", help="also write the tables, findings and curves into PATH between its "
+                                                    "'reproduce:begin' / 'reproduce:end' marker lines")
+    p.add_argument("--from-results", metavar="DIR", help="train nothing: read DIR/results.json of an earlier run "
+                                                         "(print its summary; with --readme, write it into the README)")
     return p
 
 
@@ -140,6 +144,24 @@ def main(argv=None, prog: str = "python -m tritonfp8 reproduce") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     from .. import data as tfdata
+    from . import report
+
+    readme = Path(args.readme) if args.readme else None
+    if readme is not None:  # before training: a long run must not end on a bad README
+        try:
+            report.readme_parts(readme)
+        except (OSError, ValueError) as e:
+            parser.error(f"--readme: {e}")
+    if args.from_results:
+        out = Path(args.from_results)
+        try:
+            result = json.loads((out / "results.json").read_text())
+        except (OSError, ValueError) as e:
+            parser.error(f"--from-results: cannot read {out / 'results.json'}: {e}")
+        print(_console_summary(result, out))
+        if readme is not None:
+            _write_readme(parser, result, out, readme)
+        return 0
 
     try:
         overrides = dict(parse_override(s) for s in args.set)
@@ -180,7 +202,19 @@ def main(argv=None, prog: str = "python -m tritonfp8 reproduce") -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(_console_summary(result, out))
+    if readme is not None:
+        _write_readme(parser, result, out, readme)
     return 0
+
+
+def _write_readme(parser, result: dict, out: Path, readme: Path) -> None:
+    from . import report
+
+    try:
+        report.update_readme(readme, report.readme_section(result, out, readme))
+    except ValueError as e:
+        parser.error(f"--readme: {e}")
+    print(f"wrote the results section of {readme}")
 
 
 def _console_summary(result: dict, out: Path) -> str:
