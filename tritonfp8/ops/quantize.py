@@ -423,7 +423,11 @@ def quantize_reference(x, fmt, rounding, scaling, seed, saturate, transpose, sca
         rand, rand_t, _, _ = philox_reference(seed, offsets)
     amax = abs_nan_as_inf_reference(x).amax()
     data, out_scale, sat = _quantize_head_reference(x, rand, fmt, scaling, stochastic, saturate, scale, margin, power_of_two)
-    if transpose:
+    if transpose and not stochastic and scaling.kind in ("none", "tensor"):
+        # One scale for the whole tensor and no random bits: each element of the transposed
+        # copy rounds exactly as in the normal one.
+        data_t, scale_t, sat_t = data.t().clone(memory_format=torch.contiguous_format), out_scale.clone(), sat
+    elif transpose:
         data_t, scale_t, sat_t = _quantize_head_reference(
             x.t(), None if rand_t is None else rand_t.t(), fmt, scaling, stochastic, saturate,
             scale, margin, power_of_two,

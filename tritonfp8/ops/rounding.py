@@ -153,35 +153,44 @@ def abs_nan_as_inf_reference(x: torch.Tensor) -> torch.Tensor:
 def round_to_code_reference(
     x: torch.Tensor, rand: torch.Tensor | None, fmt: Format, stochastic: bool, saturate: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Twin of :func:`round_to_code`: fp32 ``x`` -> (int64 code with sign, overflow mask)."""
-    emin = fmt.emin
-    bits = x.float().view(torch.int32).to(torch.int64)
+    """Twin of :func:`round_to_code`: fp32 ``x`` -> (int32 code with sign, overflow mask).
+
+    The same integer algorithm, written for speed on the CPU: int32 throughout (int64 only
+    for the stochastic comparison, whose random word is 32 bits), biased exponents, and
+    the shift capped where it cannot change the result (below).
+    """
+    bits = x.float().view(torch.int32)
     mag = bits & 0x7FFFFFFF
     biased = mag >> 23
-    frac = mag & 0x7FFFFF
-    sig = torch.where(biased == 0, frac, frac | 0x800000)
-    e = torch.where(biased == 0, torch.full_like(biased, -126), biased - 127)
-    e_eff = e.clamp(min=emin)
-    shift = ((23 - fmt.man_bits) + (e_eff - e)).clamp(max=60)
-    q = sig >> shift
-    dropped = sig - (q << shift)
+    e_biased = biased.clamp(min=1)  # fp32 subnormals share the exponent of the smallest normal
+    sig = (mag & 0x7FFFFF) | ((biased > 0).to(torch.int32) << 23)
+    emin_biased = fmt.emin + 127
+    below = (emin_biased - e_biased).clamp(min=0)  # bits dropped below the target's smallest exponent
+    shift = below + (23 - fmt.man_bits)
+    # sig < 2**24, so with 24 or more dropped bits nothing is kept (q = 0, dropped = sig); for
+    # nearest, 25 or more also means dropped < half a quantum: capping the shift there is exact.
+    kept_shift = shift.clamp(max=24 if stochastic else 25)
+    q = sig >> kept_shift
+    dropped = sig - (q << kept_shift)
     if stochastic:
         if rand is None:
             raise ValueError("stochastic rounding needs random bits")
         r = rand.to(torch.int64)
-        few = shift <= 32
-        lhs = torch.where(few, dropped + (r >> (32 - shift).clamp(min=0)), (dropped >> (shift - 32).clamp(min=0)) + r)
-        up = lhs >= torch.where(few, 1 << shift, torch.full_like(shift, 1 << 32))
+        s64 = shift.clamp(max=60).to(torch.int64)
+        d64 = dropped.to(torch.int64)
+        few = s64 <= 32
+        lhs = torch.where(few, d64 + (r >> (32 - s64).clamp(min=0)), (d64 >> (s64 - 32).clamp(min=0)) + r)
+        up = lhs >= torch.where(few, torch.bitwise_left_shift(1, s64), 1 << 32)
     else:
-        half = 1 << (shift - 1)
+        half = torch.bitwise_left_shift(1, kept_shift - 1)
         up = (dropped > half) | ((dropped == half) & ((q & 1) == 1))
-    code = ((e_eff - emin) << fmt.man_bits) + q + up.to(torch.int64)
-    finite = mag < 0x7F800000
+    code = ((e_biased + below - emin_biased) << fmt.man_bits) + q + up.to(torch.int32)
+    finite = biased < 255
     overflow = finite & (code > fmt.max_code)
     code = torch.where(overflow, fmt.max_code if saturate else fmt.inf_code, code)
-    code = torch.where(mag == 0x7F800000, torch.full_like(code, fmt.inf_code), code)
-    code = torch.where(mag > 0x7F800000, torch.full_like(code, fmt.nan_code), code)
-    code = code | torch.where(bits < 0, fmt.sign_bit, 0)
+    code = torch.where(finite, code, fmt.nan_code)
+    code = torch.where(mag == 0x7F800000, fmt.inf_code, code)
+    code = code | ((bits >> 31) & fmt.sign_bit)
     return code, overflow
 
 
@@ -236,15 +245,12 @@ _M32 = 0xFFFFFFFF
 def _mul_hi_lo_u32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(high, low) 32-bit words of the 64-bit product of uint32 ``a`` and ``b`` (int64 tensors).
 
-    Split into 16-bit halves so no intermediate leaves int64's range.
+    torch's int64 multiply wraps modulo 2**64 (two's complement), so the product's 64 bits
+    are exact even when it exceeds int64's range; the arithmetic shift's sign extension
+    is masked off. (tests/test_stochastic.py checks the result against ``tl.randint4x``.)
     """
-    a_hi, a_lo = a >> 16, a & 0xFFFF
-    b_hi, b_lo = b >> 16, b & 0xFFFF
-    lo_lo = a_lo * b_lo
-    cross = a_hi * b_lo + a_lo * b_hi
-    hi = a_hi * b_hi + ((cross + (lo_lo >> 16)) >> 16)
-    lo = (lo_lo + ((cross & 0xFFFF) << 16)) & _M32
-    return hi & _M32, lo
+    p = b * a
+    return (p >> 32) & _M32, p & _M32
 
 
 def philox_reference(seed: int, offsets: torch.Tensor, n_rounds: int = 10):
