@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+import shutil
 
 import pytest
 
@@ -116,8 +117,15 @@ def test_an_interrupted_invocation_resumes(tmp_path, monkeypatch):
 
 
 def test_readme_section_is_written_between_the_markers(smoke, tmp_path, capsys):
-    rc, out, err = smoke
+    rc, smoke_out, err = smoke
     assert rc == 0, err
+    out = tmp_path / "run"
+    shutil.copytree(smoke_out, out)
+    original = json.loads((out / "results.json").read_text())
+    stale = json.loads((out / "results.json").read_text())
+    for t in stale["results"].values():
+        t["findings"] = [{"claim": "stale", "holds": None, "text": "stale"}]
+    (out / "results.json").write_text(json.dumps(stale))
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\n{report.README_BEGIN}\nstale table\n{report.README_END}\n\n## after\n")
     assert cli.main(["reproduce", "--from-results", str(out), "--readme", str(readme)]) == 0
@@ -125,6 +133,12 @@ def test_readme_section_is_written_between_the_markers(smoke, tmp_path, capsys):
     assert text.startswith("# title\n\n" + report.README_BEGIN) and text.endswith(report.README_END + "\n\n## after\n")
     assert "stale table" not in text
     result = json.loads((out / "results.json").read_text())
+    # --from-results recomputed the summaries and findings from the stored runs
+    for task, t in result["results"].items():
+        assert t["findings"] == original["results"][task]["findings"]
+        for arm, s in t["summary"].items():
+            assert s["mean"] == pytest.approx(original["results"][task]["summary"][arm]["mean"], rel=1e-9)
+    assert "stale" not in (out / "report.md").read_text()
     for task, t in result["results"].items():
         assert f"**{task}**" in text
         assert "| `mellempudi2019` |" in text
@@ -240,6 +254,16 @@ def test_findings_accuracy_claims():
     f = report.findings(cfg, s)
     assert f[0]["holds"] is False and "DOES NOT hold" in f[0]["text"]
     assert f[1]["holds"] is False and "No ablation is visibly worse" in f[1]["text"]
+    # Arms of one seed share initial weights and data order: a gap that repeats in every seed is
+    # visible even when the seed-to-seed spread (shared by both arms) is larger than the gap.
+    s["mellempudi2019"] = _arm([90.4, 90.3, 89.8])
+    s["fp8-vanilla"] = _arm([90.0, 89.9, 89.3])  # 0.4, 0.4, 0.5 lower
+    for v in s.values():
+        v["gap_to_fp32"] = v["mean"] - s["fp32"]["mean"]
+    f = report.findings(cfg, s)
+    assert report._diff_se(s["fp8-vanilla"], s["mellempudi2019"]) * 2 > 0.43  # unpaired: not visible
+    assert f[1]["holds"] is True and "fp8-vanilla 89.73% (-0.43 points vs the full recipe, paired SE 0.03" in f[1]["text"]
+    assert "per seed -0.40, -0.40, -0.50" in f[1]["text"] and "(0.13 points beyond the threshold)" in f[1]["text"]
 
 
 def test_findings_text_claim():

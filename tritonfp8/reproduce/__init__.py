@@ -64,8 +64,9 @@ def build_parser(prog: str = "python -m tritonfp8 reproduce") -> argparse.Argume
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--readme", metavar="PATH", help="also write the tables, findings and curves into PATH between its "
                                                     "'reproduce:begin' / 'reproduce:end' marker lines")
-    p.add_argument("--from-results", metavar="DIR", help="train nothing: read DIR/results.json of an earlier run "
-                                                         "(print its summary; with --readme, write it into the README)")
+    p.add_argument("--from-results", metavar="DIR", help="train nothing: rebuild DIR/report.md, the findings and the plots "
+                                                         "from DIR/results.json of an earlier run (with --readme, also "
+                                                         "the README section)")
     return p
 
 
@@ -117,21 +118,41 @@ def reproduce(tasks: list[TaskConfig], arm_names: Optional[list[str]], out: Path
         "environment": env, "results": {},
     }
     for cfg in tasks:
-        task_runs = [r for r in runs if r["task"] == cfg.task]
-        summary = report.summarize(cfg, task_runs)
-        result["results"][cfg.task] = {
-            "config": cfg.as_dict(), "dataset": datasets[cfg.task], "summary": summary,
-            "findings": report.findings(cfg, summary), "runs": task_runs,
-        }
-        result["results"][cfg.task]["plots"] = report.plots(cfg.task, task_runs, summary, out)
-    (out / "report.md").write_text(report.markdown(result))
-    report.write_json(result, out / "results.json")
+        result["results"][cfg.task] = {"config": cfg.as_dict(), "dataset": datasets[cfg.task],
+                                       "runs": [r for r in runs if r["task"] == cfg.task]}
+    _write_outputs(result, out)
     # Everything is in results.json now; remove only this invocation's run files (another
     # invocation into the same --out, e.g. for another task, may still need its own).
     for p in paths:
         p.unlink(missing_ok=True)
     if not any(run_dir.iterdir()):
         run_dir.rmdir()
+    return result
+
+
+def _write_outputs(result: dict, out: Path) -> None:
+    """From each task's config and runs: summary, findings and plots, then report.md and results.json."""
+    from . import report
+
+    for t in result["results"].values():
+        cfg = TaskConfig(**t["config"])
+        t["summary"] = report.summarize(cfg, t["runs"])
+        t["findings"] = report.findings(cfg, t["summary"])
+        t["plots"] = report.plots(cfg.task, t["runs"], t["summary"], out)
+    (out / "report.md").write_text(report.markdown(result))
+    report.write_json(result, out / "results.json")
+
+
+def rebuild(out: Path) -> dict:
+    """Recompute the summaries, findings, report.md and plots of an earlier run from ``out/results.json``.
+
+    Uses the runs as stored there (numbers rounded to 6 significant digits); nothing is trained.
+    """
+    result = json.loads((out / "results.json").read_text())
+    for t in result["results"].values():
+        for key in ("summary", "findings", "plots"):
+            t.pop(key, None)
+    _write_outputs(result, out)
     return result
 
 
@@ -155,9 +176,9 @@ def main(argv=None, prog: str = "python -m tritonfp8 reproduce") -> int:
     if args.from_results:
         out = Path(args.from_results)
         try:
-            result = json.loads((out / "results.json").read_text())
-        except (OSError, ValueError) as e:
-            parser.error(f"--from-results: cannot read {out / 'results.json'}: {e}")
+            result = rebuild(out)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            parser.error(f"--from-results: cannot rebuild the report from {out / 'results.json'}: {e}")
         print(_console_summary(result, out))
         if readme is not None:
             _write_readme(parser, result, out, readme)

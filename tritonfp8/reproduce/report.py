@@ -74,8 +74,26 @@ def summarize(cfg: TaskConfig, runs: list[dict]) -> dict:
 
 
 def _diff_se(a: dict, b: dict) -> float:
-    """Standard error of mean(a) - mean(b) over seeds (0 with a single seed)."""
+    """Standard error of mean(a) - mean(b) over seeds, as if the arms were independent (0 with a single seed)."""
     return math.sqrt(a["std"] ** 2 / len(a["finals"]) + b["std"] ** 2 / len(b["finals"]))
+
+
+def _per_seed(a: dict, b: dict) -> list[float]:
+    seeds_b = dict(zip(b.get("seeds", range(len(b["finals"]))), b["finals"]))
+    return [x - seeds_b[s] for s, x in zip(a.get("seeds", range(len(a["finals"]))), a["finals"]) if s in seeds_b]
+
+
+def _paired_diff(a: dict, b: dict) -> tuple[float, float, int]:
+    """(mean, standard error, count) of the per-seed differences a - b over the seeds both arms ran.
+
+    The arms of one seed share initial weights and data order, so the per-seed difference
+    removes the seed-to-seed spread that both arms share; this is the comparison the design is for.
+    """
+    diffs = _per_seed(a, b)
+    if not diffs:
+        return math.nan, math.nan, 0
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    return statistics.fmean(diffs), se, len(diffs)
 
 
 def findings(cfg: TaskConfig, summary: dict) -> list[dict]:
@@ -99,18 +117,20 @@ def findings(cfg: TaskConfig, summary: dict) -> list[dict]:
                 a = summary.get(name)
                 if a is None:
                     continue
-                d = a["mean"] - full["mean"]
-                se = _diff_se(a, full)
-                visible = d < -ACC_TOLERANCE and (n < 2 or -d > VISIBLE_SE * se)
+                d, se, pairs = _paired_diff(a, full)
+                visible = d < -ACC_TOLERANCE and (pairs < 2 or -d > VISIBLE_SE * se)
                 if visible:
                     worse.append(name)
-                lines.append(f"{name} {a['mean']:.2f}% ({d:+.2f} points vs the full recipe, "
-                             f"{a['gap_to_fp32']:+.2f} vs fp32{f', SE of the difference {se:.2f}' if n > 1 else ''})"
-                             f"{' VISIBLY WORSE' if visible else ''}")
+                stats = (f", paired SE {se:.2f} over {pairs} seeds (unpaired SE {_diff_se(a, full):.2f}); "
+                         f"per seed {', '.join(f'{x:+.2f}' for x in _per_seed(a, full))}" if pairs > 1 else "")
+                lines.append(f"{name} {a['mean']:.2f}% ({d:+.2f} points vs the full recipe{stats}; "
+                             f"{a['gap_to_fp32']:+.2f} vs fp32)"
+                             f"{f' VISIBLY WORSE ({-d - ACC_TOLERANCE:.2f} points beyond the threshold)' if visible else ''}")
             if lines:
                 out.append({
                     "claim": "at least one ablation visibly worse than the full recipe "
-                             f"(by > {ACC_TOLERANCE} points and > {VISIBLE_SE:g} standard errors)",
+                             f"(by > {ACC_TOLERANCE} points and > {VISIBLE_SE:g} standard errors of the per-seed "
+                             "difference)",
                     "holds": bool(worse),
                     "text": ("; ".join(lines) + ". " +
                              (f"Visibly worse: {', '.join(worse)}." if worse else "No ablation is visibly worse.") + few),
@@ -338,13 +358,18 @@ def _task_intro(task: str, t: dict) -> str:
             f"{cfg['curve_eval_size']} held-out training images.")
 
 
-def _round(x, digits=6):
+_PER_STEP = 64  # a list longer than this is a per-step series: 6 significant digits keep the file small
+
+
+def _round(x, digits=10):
+    """Floats to ``digits`` significant digits (enough to rebuild the summaries from the file), per-step
+    series to 6; non-finite floats as strings."""
     if isinstance(x, float):
         return float(f"{x:.{digits}g}") if math.isfinite(x) else str(x)
     if isinstance(x, dict):
         return {k: _round(v, digits) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_round(v, digits) for v in x]
+        return [_round(v, 6 if len(x) > _PER_STEP else digits) for v in x]
     return x
 
 
