@@ -148,10 +148,14 @@ def rebuild(out: Path) -> dict:
 
     Uses the runs as stored there (numbers rounded to 6 significant digits); nothing is trained.
     """
+    from . import report
+
     result = json.loads((out / "results.json").read_text())
     for t in result["results"].values():
         for key in ("summary", "findings", "plots"):
             t.pop(key, None)
+    result["rebuilt"] = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                         "git_commit": report._git_commit()}
     _write_outputs(result, out)
     return result
 

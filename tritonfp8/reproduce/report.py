@@ -234,7 +234,10 @@ def markdown(result: dict) -> str:
         f"{', load average at start %.1f' % env['load_average'][0] if env.get('load_average') else ''}); "
         f"backend `{env['backend']}` on {env['device']}.  ",
         f"Versions: tritonfp8 {env['tritonfp8']} (commit {env['git_commit']}), torch {env['torch']}, "
-        f"triton {env['triton']}, numpy {env['numpy']}, Python {env['python']}.",
+        f"triton {env['triton']}, numpy {env['numpy']}, Python {env['python']}."
+        + (f"  \nSummaries, findings and plots rebuilt from results.json by `--from-results` on "
+           f"{result['rebuilt']['date']} (commit {result['rebuilt']['git_commit']}); the runs are unchanged."
+           if result.get("rebuilt") else ""),
         "",
         "Arms (all from the same initial weights and data order per seed):",
         "",
