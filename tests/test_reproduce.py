@@ -267,6 +267,21 @@ def test_findings_accuracy_claims():
     assert "per seed -0.40, -0.40, -0.50" in f[1]["text"] and "(0.13 points beyond the threshold)" in f[1]["text"]
 
 
+def test_findings_say_whether_the_enhanced_floor_acted():
+    cfg = rconfig.task_config("text-gpt", ls_floor=2.0**13)
+    s = {"fp32": _arm([1.50, 1.52]), "mellempudi2019": _arm([1.52, 1.53]),
+         "fp8+dynamic-ls": {**_arm([1.53, 1.54]), "min_scale": 2.0**14},
+         "fp8+enhanced-ls": {**_arm([1.53, 1.54]), "min_scale": 2.0**14}}
+    for v in s.values():
+        v["rel_gap_to_fp32"] = 0.01
+    note = report.findings(cfg, s)[-1]
+    assert note["holds"] is None and "identical final results" in note["text"]
+    assert "2^14, never below the enhanced floor 2^13, so the floor never acted" in note["text"]
+    s["fp8+dynamic-ls"] = {**_arm([1.60, 1.70]), "min_scale": 2.0**5, "rel_gap_to_fp32": 0.1}
+    note = report.findings(cfg, s)[-1]
+    assert "final results differ" in note["text"] and "2^5, below the enhanced floor" in note["text"]
+
+
 def test_findings_text_claim():
     cfg = rconfig.task_config("text-gpt")
     s = {"fp32": _arm([1.50, 1.52]), "mellempudi2019": _arm([1.52, 1.53])}

@@ -69,6 +69,7 @@ def summarize(cfg: TaskConfig, runs: list[dict]) -> dict:
             "step_time_vs_fp32": step / base_step if base_step else math.nan,
             "step_cpu_vs_fp32": cpu / base_cpu if base_cpu else math.nan,
             "final_scale": [r["final_scale"] for r in rs],
+            "min_scale": min((scale for r in rs for _, scale in r.get("loss_scale", [])), default=None),
         }
     return out
 
@@ -152,6 +153,18 @@ def findings(cfg: TaskConfig, summary: dict) -> list[dict]:
             if lines:
                 out.append({"claim": "ablations on the text task (for information)", "holds": None,
                             "text": "; ".join(lines) + "."})
+    dyn, enh = summary.get("fp8+dynamic-ls"), summary.get("fp8+enhanced-ls")
+    if dyn and enh and dyn.get("min_scale") is not None:
+        same = dyn["finals"] == enh["finals"]
+        floor_hit = dyn["min_scale"] < cfg.ls_floor
+        out.append({
+            "claim": "enhanced vs dynamic loss scaling (for information)", "holds": None,
+            "text": f"{'identical final results' if same else 'final results differ'} "
+                    f"(fp8+enhanced-ls {enh['mean']:.4g} vs fp8+dynamic-ls {dyn['mean']:.4g}); the dynamic scale's "
+                    f"lowest value over all seeds was 2^{math.log2(dyn['min_scale']):g}, "
+                    f"{'below' if floor_hit else 'never below'} the enhanced floor 2^{math.log2(cfg.ls_floor):g}"
+                    + ("" if floor_hit else ", so the floor never acted in this configuration") + ".",
+        })
     return out
 
 
