@@ -95,7 +95,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("bf16", "torch.autocast bfloat16 forward, fp32 master weights", amp_dtype="bfloat16"),
     Arm("fp8-vanilla", "E5M2 round-to-nearest for every role, no loss scaling, fp32 masters", recipe=VANILLA),
     Arm("fp8+dynamic-ls", "vanilla + dynamic loss scaling", recipe=VANILLA, loss_scaling="dynamic"),
-    Arm("fp8+enhanced-ls", "vanilla + enhanced loss scaling (rising floor)", recipe=VANILLA, loss_scaling="enhanced"),
+    Arm("fp8+enhanced-ls", "vanilla + enhanced loss scaling (dynamic, never below the floor ls_floor)", recipe=VANILLA,
+        loss_scaling="enhanced"),
     Arm("mellempudi2019", "full recipe: enhanced LS, stochastic errors and weight grads, fp16 masters with "
         "stochastic update", recipe=_FULL, loss_scaling="enhanced", master_dtype="float16"),
     Arm("abl-nearest-grads", "full recipe but errors and weight grads rounded to nearest", recipe=VANILLA.with_(
