@@ -37,6 +37,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ._active import ActiveStack
 from .tensor import FP8Tensor
 from .training import LossScaler, OverflowTracker, tracking
 
@@ -91,26 +92,19 @@ class ErrorCastStats:
             c.zero_()
 
 
-# Not thread-local on purpose: autograd runs the backward of CUDA ops on its own device
-# thread (as training.tracking's list, for the same reason).
-_COLLECTORS: list[ErrorCastStats] = []
+_COLLECTORS: ActiveStack[ErrorCastStats] = ActiveStack()
 
 
-@contextlib.contextmanager
 def collecting(stats: ErrorCastStats):
-    """Make ``stats`` the collector that :func:`current_error_stats` returns inside the block."""
+    """Context manager: make ``stats`` the collector that :func:`current_error_stats` returns inside the block."""
     if not isinstance(stats, ErrorCastStats):
         raise TypeError(f"collecting() takes an ErrorCastStats, got {type(stats).__name__}")
-    _COLLECTORS.append(stats)
-    try:
-        yield stats
-    finally:
-        _COLLECTORS.remove(stats)
+    return _COLLECTORS.active(stats)
 
 
 def current_error_stats() -> Optional[ErrorCastStats]:
     """The innermost active :class:`ErrorCastStats`, or None (then the fp8 backward counts nothing)."""
-    return _COLLECTORS[-1] if _COLLECTORS else None
+    return _COLLECTORS.current()
 
 
 # ----------------------------------------------------------------------------

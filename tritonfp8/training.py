@@ -44,13 +44,13 @@ far (iterations, skipped ones included).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import struct
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from ._active import ActiveStack
 from .formats import get_format
 from .tensor import FP8Tensor
 
@@ -147,24 +147,18 @@ class OverflowTracker:
             c.zero_()
 
 
-_ACTIVE: list[OverflowTracker] = []
+_TRACKERS: ActiveStack[OverflowTracker] = ActiveStack()
 
 
-@contextlib.contextmanager
 def tracking(tracker: "OverflowTracker | LossScaler"):
-    """Make ``tracker`` (or a scaler's tracker) the one :func:`current_tracker` returns, e.g. for the
-    fp8 modules to record their quantized gradients into during backward."""
-    t = tracker.tracker if isinstance(tracker, LossScaler) else tracker
-    _ACTIVE.append(t)
-    try:
-        yield t
-    finally:
-        _ACTIVE.remove(t)
+    """Context manager: make ``tracker`` (or a scaler's tracker) the one :func:`current_tracker`
+    returns, e.g. for the fp8 modules to record their quantized gradients into during backward."""
+    return _TRACKERS.active(tracker.tracker if isinstance(tracker, LossScaler) else tracker)
 
 
 def current_tracker() -> Optional[OverflowTracker]:
     """The innermost tracker of an active :func:`tracking` block, or None."""
-    return _ACTIVE[-1] if _ACTIVE else None
+    return _TRACKERS.current()
 
 
 # ----------------------------------------------------------------------------
