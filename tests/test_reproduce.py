@@ -288,6 +288,7 @@ def test_findings_text_claim():
     s["mellempudi2019"]["rel_gap_to_fp32"] = (1.525 - 1.51) / 1.51
     f = report.findings(cfg, s)
     assert f[0]["holds"] is True and "+0.99%" in f[0]["text"]
+    assert "(per seed +1.33%, +0.66%)" in f[0]["text"]
     s["mellempudi2019"] = _arm([1.53, 1.54])
     assert report.findings(cfg, s)[0]["holds"] is False
 

@@ -79,9 +79,14 @@ def _diff_se(a: dict, b: dict) -> float:
     return math.sqrt(a["std"] ** 2 / len(a["finals"]) + b["std"] ** 2 / len(b["finals"]))
 
 
-def _per_seed(a: dict, b: dict) -> list[float]:
+def _pairs(a: dict, b: dict) -> list[tuple[float, float]]:
+    """(a's final, b's final) for each seed both arms ran."""
     seeds_b = dict(zip(b.get("seeds", range(len(b["finals"]))), b["finals"]))
-    return [x - seeds_b[s] for s, x in zip(a.get("seeds", range(len(a["finals"]))), a["finals"]) if s in seeds_b]
+    return [(x, seeds_b[s]) for s, x in zip(a.get("seeds", range(len(a["finals"]))), a["finals"]) if s in seeds_b]
+
+
+def _per_seed(a: dict, b: dict) -> list[float]:
+    return [x - y for x, y in _pairs(a, b)]
 
 
 def _paired_diff(a: dict, b: dict) -> tuple[float, float, int]:
@@ -143,7 +148,9 @@ def findings(cfg: TaskConfig, summary: dict) -> list[dict]:
             out.append({"claim": f"full recipe's validation loss within {100 * LOSS_TOLERANCE:g}% of fp32", "holds": holds,
                         "text": f"{FULL}: {full['mean']:.4f} +- {full['std']:.4f} vs fp32 {fp32['mean']:.4f} +- "
                                 f"{fp32['std']:.4f} nats/byte over {n} seed(s): {100 * rel:+.2f}% -> "
-                                f"{'holds' if holds else 'DOES NOT hold'}."})
+                                f"{'holds' if holds else 'DOES NOT hold'}"
+                                + (f" (per seed {', '.join(f'{100 * (x - y) / y:+.2f}%' for x, y in _pairs(full, fp32))})"
+                                   if n > 1 else "") + "."})
         if full:
             lines = []
             for name in ABLATIONS:
