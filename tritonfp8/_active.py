@@ -1,9 +1,12 @@
-"""The "current object" of nested ``with`` blocks (the loss scaler's overflow tracker, the
-trainer's error-cast statistics), read by the fp8 modules' backward."""
+"""Shared plumbing of the loss scaler's overflow tracker and the trainer's error-cast
+statistics: the "current object" of nested ``with`` blocks, read by the fp8 modules'
+backward, and int64 counters kept on each device until the host reads them."""
 from __future__ import annotations
 
 import contextlib
 from typing import Generic, Iterator, Optional, TypeVar
+
+import torch
 
 T = TypeVar("T")
 
@@ -28,3 +31,29 @@ class ActiveStack(Generic[T]):
 
     def current(self) -> Optional[T]:
         return self._items[-1] if self._items else None
+
+
+class DeviceCounters:
+    """``width`` int64 counters per device; adding to them queues device work only, and
+    :meth:`_totals` sums them over devices on the host (one sync per device)."""
+
+    def __init__(self, width: int) -> None:
+        self._width = width
+        self._counts: dict[torch.device, torch.Tensor] = {}
+
+    def _slot(self, device) -> torch.Tensor:
+        device = torch.device(device)
+        c = self._counts.get(device)
+        if c is None:
+            c = self._counts[device] = torch.zeros(self._width, dtype=torch.int64, device=device)
+        return c
+
+    def _totals(self) -> list[int]:
+        total = [0] * self._width
+        for c in self._counts.values():
+            total = [a + b for a, b in zip(total, c.tolist())]
+        return total
+
+    def reset(self) -> None:
+        for c in self._counts.values():
+            c.zero_()

@@ -37,7 +37,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ._active import ActiveStack
+from ._active import ActiveStack, DeviceCounters
 from .tensor import FP8Tensor
 from .training import LossScaler, OverflowTracker, tracking
 
@@ -52,7 +52,7 @@ __all__ = ["Trainer", "StepReport", "ErrorCastStats", "collecting", "current_err
 _VALUES, _NONZERO, _UNDERFLOW, _SATURATED = range(4)
 
 
-class ErrorCastStats:
+class ErrorCastStats(DeviceCounters):
     """Device-side counts of the fp8 error casts in backward: values, nonzero, underflowed, saturated.
 
     ``record_error_cast`` only queues device work; :meth:`counts` reads the counters
@@ -60,14 +60,7 @@ class ErrorCastStats:
     """
 
     def __init__(self):
-        self._counts: dict[torch.device, torch.Tensor] = {}
-
-    def _slot(self, device) -> torch.Tensor:
-        device = torch.device(device)
-        c = self._counts.get(device)
-        if c is None:
-            c = self._counts[device] = torch.zeros(4, dtype=torch.int64, device=device)
-        return c
+        super().__init__(4)
 
     def record_error_cast(self, dy: torch.Tensor, dy_q: FP8Tensor) -> None:
         """Count the cast ``dy_q`` of the error ``dy`` (same shape): nonzero values that became +-0, saturations."""
@@ -82,14 +75,7 @@ class ErrorCastStats:
 
     def counts(self) -> dict[str, int]:
         """{'values', 'nonzero', 'underflow', 'saturated'} since the last reset (host sync)."""
-        total = [0, 0, 0, 0]
-        for c in self._counts.values():
-            total = [a + b for a, b in zip(total, c.tolist())]
-        return dict(zip(("values", "nonzero", "underflow", "saturated"), total))
-
-    def reset(self) -> None:
-        for c in self._counts.values():
-            c.zero_()
+        return dict(zip(("values", "nonzero", "underflow", "saturated"), self._totals()))
 
 
 _COLLECTORS: ActiveStack[ErrorCastStats] = ActiveStack()

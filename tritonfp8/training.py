@@ -50,7 +50,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from ._active import ActiveStack
+from ._active import ActiveStack, DeviceCounters
 from .formats import get_format
 from .tensor import FP8Tensor
 
@@ -85,7 +85,7 @@ def _f32(x: float) -> float:
 # ----------------------------------------------------------------------------
 
 
-class OverflowTracker:
+class OverflowTracker(DeviceCounters):
     """Device-side overflow counts of one training step; read on the host once.
 
     Every ``record*`` call only queues device work (no host synchronization). Two int64
@@ -93,14 +93,7 @@ class OverflowTracker:
     """
 
     def __init__(self):
-        self._counts: dict[torch.device, torch.Tensor] = {}
-
-    def _slot(self, device) -> torch.Tensor:
-        device = torch.device(device)
-        c = self._counts.get(device)
-        if c is None:
-            c = self._counts[device] = torch.zeros(2, dtype=torch.int64, device=device)
-        return c
+        super().__init__(2)
 
     def record(self, q: FP8Tensor) -> None:
         """Record a quantized tensor: its ``saturated`` count and whether its ``amax`` is non-finite.
@@ -132,19 +125,12 @@ class OverflowTracker:
 
     def counts(self) -> tuple[int, int]:
         """(saturated values, non-finite tensors) recorded since the last reset (host sync)."""
-        sat = nonfinite = 0
-        for c in self._counts.values():
-            a, b = c.tolist()
-            sat, nonfinite = sat + a, nonfinite + b
+        sat, nonfinite = self._totals()
         return sat, nonfinite
 
     def found(self) -> bool:
         """True if anything overflowed since the last reset (one host sync per device)."""
         return any(bool(c.any()) for c in self._counts.values())
-
-    def reset(self) -> None:
-        for c in self._counts.values():
-            c.zero_()
 
 
 _TRACKERS: ActiveStack[OverflowTracker] = ActiveStack()

@@ -146,7 +146,7 @@ def _write_outputs(result: dict, out: Path) -> None:
 def rebuild(out: Path) -> dict:
     """Recompute the summaries, findings, report.md and plots of an earlier run from ``out/results.json``.
 
-    Uses the runs as stored there (numbers rounded to 6 significant digits); nothing is trained.
+    Uses the runs as stored there (10 significant digits, per-step series 6); nothing is trained.
     """
     from . import report
 
