@@ -63,6 +63,9 @@ def test_smoke_run_writes_every_arm(smoke):
     assert set(cnn["fp8-vanilla"]["master_dtypes"].values()) == {"float32"}
     md = (out / "report.md").read_text()
     assert "| arm |" in md and "Findings" in md and "`mellempudi2019`" in md and "step time vs fp32" in md
+    # the quick configuration's wall time and the machine it ran on are in the report
+    assert f"wall time {result['wall_s'] / 60:.1f} min" in md
+    assert f"({result['environment']['cpu_count']} cores" in md
     pytest.importorskip("matplotlib")
     for task in ("fashion-cnn", "text-gpt"):
         for kind in ("curves", "loss-scale"):
