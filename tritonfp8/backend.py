@@ -5,7 +5,12 @@
   Triton decides between compiled and interpreted kernels when it is imported
   (``TRITON_INTERPRET=1``), so this backend needs ``TRITONFP8_BACKEND=interpret``
   (or ``TRITON_INTERPRET=1``) in the environment before ``import tritonfp8``.
-* ``"torch"``: the pure-PyTorch reference, on any device.
+* ``"torch"``: the pure-PyTorch reference, on any device. On CPU tensors its
+  element-wise numerics (casts, Philox, the optimizer update) run as loops fused
+  by Inductor (``torch.compile``, C++ backend) from the same reference source:
+  the same bits as the eager reference, about one pass over memory per cast.
+  Without a C++ compiler, or with ``TRITONFP8_COMPILE=0``, the eager reference
+  runs (and says so once).
 * ``"auto"`` (default): "triton" for CUDA tensors (interpreted when Triton is in
   interpreter mode) and "torch" for CPU tensors.
 
@@ -14,13 +19,17 @@ Environment variables:
 =====================  ====================================================
 TRITONFP8_BACKEND       initial backend: auto / triton / interpret / torch
 TRITON_INTERPRET        Triton's own switch; "1" runs every kernel interpreted
+TRITONFP8_COMPILE       "1" (default): the reference backend runs compiled on CPU
+                        tensors; "0": always the eager reference
 =====================  ====================================================
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
+import warnings
 
 BACKENDS = ("auto", "triton", "interpret", "torch")
 _ENV = "TRITONFP8_BACKEND"
@@ -134,3 +143,115 @@ def _interpreter_loop_bounds() -> None:
 
 if triton_interprets():
     _interpreter_loop_bounds()
+
+
+# ----------------------------------------------------------------------------
+# The reference backend, compiled by Inductor on CPU tensors
+# ----------------------------------------------------------------------------
+
+_COMPILE_ENV = "TRITONFP8_COMPILE"
+_compile_setting = os.environ.get(_COMPILE_ENV, "1").strip().lower()
+if _compile_setting not in ("0", "1", "false", "true", "off", "on"):
+    raise ValueError(f"{_COMPILE_ENV}={_compile_setting!r}: use 1 (compiled reference on CPU) or 0 (eager)")
+_compile_enabled = _compile_setting in ("1", "true", "on")
+_compile_broken = ""  # why compiling failed in this process ('' while it works)
+# Each compiled reference is specialized on its modes (format, rounding, scaling kind): a
+# test run meets more of them than Dynamo's default limit of 8 per function.
+_RECOMPILE_LIMIT = 256
+# Smaller tensors run eager: there a fused loop saves less than a graph costs to compile.
+COMPILE_MIN_NUMEL = 1 << 14
+
+
+def compile_enabled() -> bool:
+    """Whether the reference backend runs its compiled form on CPU tensors now."""
+    return _compile_enabled and not _compile_broken
+
+
+def set_compile(enabled: bool) -> None:
+    """Run the reference backend compiled (True, the default) or eager (False) on CPU tensors."""
+    global _compile_enabled
+    _compile_enabled = bool(enabled)
+
+
+@contextlib.contextmanager
+def use_compile(enabled: bool):
+    """Context manager form of :func:`set_compile`."""
+    global _compile_enabled
+    previous = _compile_enabled
+    _compile_enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _compile_enabled = previous
+
+
+def _give_up_compiling(error: BaseException) -> None:
+    global _compile_broken
+    _compile_broken = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    warnings.warn(
+        "tritonfp8: the reference backend could not be compiled by torch.compile (Inductor needs a "
+        f"C++ compiler such as g++); running the eager reference from now on, same bits, slower. "
+        f"Set {_COMPILE_ENV}=0 to skip the attempt. Cause: {_compile_broken}",
+        RuntimeWarning, stacklevel=3,
+    )
+
+
+def compiled_reference(fn):
+    """``fn`` (a reference function of pure tensor ops) run through Inductor on CPU tensors.
+
+    Shapes are dynamic; Python arguments (formats, modes) specialize a graph each. The
+    wrapped function runs eager when compiling is off, when a tensor argument is not on the
+    CPU (the reference also serves other devices), when no tensor argument has
+    ``COMPILE_MIN_NUMEL`` elements, or once compiling has failed (warned once).
+    ``fn.eager`` is the uncompiled function.
+    """
+    state = {}
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not compile_enabled() or not _large_cpu_tensors(args, kwargs):
+            return fn(*args, **kwargs)
+        if "compiled" not in state:
+            import torch
+
+            state["compiled"] = torch.compile(fn, dynamic=True, fullgraph=True)
+        import torch._dynamo
+
+        try:
+            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                return state["compiled"](*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any compiler failure falls back to the same numerics
+            if not _is_compile_failure(error):
+                raise
+            _give_up_compiling(error)
+            return fn(*args, **kwargs)
+
+    run.eager = fn
+    return run
+
+
+def _large_cpu_tensors(args, kwargs) -> bool:
+    """All tensor arguments on the CPU, and one of them with COMPILE_MIN_NUMEL elements."""
+    import torch
+
+    largest = 0
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            if value.device.type != "cpu":
+                return False
+            largest = max(largest, value.numel())
+    return largest >= COMPILE_MIN_NUMEL
+
+
+def _is_compile_failure(error: BaseException) -> bool:
+    """Errors of the compiler stack (no C++ compiler, an Inductor bug), not of the inputs."""
+    import torch._dynamo.exc as dynamo_exc
+
+    kinds = [dynamo_exc.BackendCompilerFailed, dynamo_exc.InternalTorchDynamoError]
+    try:
+        from torch._inductor.exc import CppCompileError, InductorError
+
+        kinds += [CppCompileError, InductorError]
+    except ImportError:  # older torch
+        pass
+    return isinstance(error, tuple(kinds)) or "CppCompileError" in type(error).__name__

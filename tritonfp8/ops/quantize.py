@@ -29,8 +29,7 @@ from ..formats import E8M0, Format, get_format
 from ..tensor import FP8Tensor, Scaling
 from .rounding import (
     abs_nan_as_inf,
-    abs_nan_as_inf_reference,
-    codes_to_tensor,
+    abs_max_reference,
     e8m0_from_amax,
     e8m0_from_amax_reference,
     inv_scale_from_amax,
@@ -41,6 +40,7 @@ from .rounding import (
     philox_reference,
     round_to_code,
     round_to_code_reference,
+    seed_tensor,
 )
 
 ROUNDINGS = ("nearest", "stochastic")
@@ -376,67 +376,112 @@ def _quantize_triton(x, fmt, rounding, scaling, seed, saturate, transpose, scale
 # ----------------------------------------------------------------------------
 
 
-def _group_amax_reference(absx: torch.Tensor, gm: int, gk: int) -> torch.Tensor:
-    """Max over each gm x gk group of an [R, C] tensor -> [ceil(R/gm), ceil(C/gk)]."""
-    r, c = absx.shape
-    rp, cp = -(-r // gm) * gm, -(-c // gk) * gk
-    padded = torch.nn.functional.pad(absx, (0, cp - c, 0, rp - r))
-    return padded.reshape(rp // gm, gm, cp // gk, gk).amax(dim=(1, 3))
+def _groups_view(x: torch.Tensor, gm: int, gk: int) -> torch.Tensor:
+    """x [R, C] zero-padded to multiples of (gm, gk) and viewed as [ceil(R/gm), gm, ceil(C/gk), gk].
 
-
-def _quantize_head_reference(x, rand, fmt, scaling, stochastic, saturate, given_scale, margin, power_of_two):
-    """Quantize an [R, C] fp32 tensor with ``scaling`` on its own axes -> (data, scale, overflow count)."""
+    Each scale group is then one [i, :, j, :] slice, so a group's scale broadcasts over it
+    (padding zeros change no amax).
+    """
     r, c = x.shape
+    pad_r, pad_c = -(-r // gm) * gm - r, -(-c // gk) * gk - c
+    if pad_r or pad_c:
+        x = torch.nn.functional.pad(x, (0, pad_c, 0, pad_r))
+    return x.reshape(-(-r // gm), gm, -(-c // gk), gk)
+
+
+@_backend.compiled_reference
+def _round_codes_reference(x, inv, seed, word, offset_strides, fmt, stochastic: bool, saturate: bool):
+    """The element-wise cast: ``x * inv`` rounded once to ``fmt``.
+
+    x: [R, C] fp32 / bf16 / fp16, any strides; inv: fp32 [] inverse scale (1 when the
+    caller applied group scales already). Stochastic rounding takes word ``word`` (int64 [],
+    0 or 1) of Philox(seed, i * offset_strides[0] + j * offset_strides[1]) for element [i, j]
+    (int64 [2]: the element's offset in the [M, K] view the cast was asked for).
+    Returns (uint8 codes [R, C] contiguous, int32 [] count of finite values that overflowed).
+    Runs compiled on large CPU tensors (one fused loop), else eagerly.
+    """
+    y = x.float() * inv
+    rand = None
+    if stochastic:
+        r, c = x.shape
+        rows = torch.arange(r, dtype=torch.int64, device=x.device)[:, None]
+        cols = torch.arange(c, dtype=torch.int64, device=x.device)[None, :]
+        first, second, _, _ = philox_reference(seed, rows * offset_strides[0] + cols * offset_strides[1])
+        rand = torch.where(word == 0, first, second)
+    code, overflow = round_to_code_reference(y, rand, fmt, stochastic, saturate)
+    return code.to(torch.uint8).contiguous(), overflow.sum().to(torch.int32)
+
+
+def _quantize_head_reference(x, amax, word, offset_strides, seed, fmt, scaling, stochastic, saturate,
+                             given_scale, margin, power_of_two):
+    """Quantize an [R, C] tensor with ``scaling`` on its own axes -> (uint8 codes, scale, overflow count).
+
+    ``amax`` is max |x| over the whole tensor (the "tensor" scaling's group); E8M0 scales
+    come back as uint8 codes.
+    """
+    r, c = x.shape
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    y, inv = x, one
     if scaling.kind == "none":
-        y = x
-        scale = torch.ones((), dtype=torch.float32, device=x.device)
-    else:
+        scale = one
+    elif given_scale is not None and scaling.kind == "tensor":
+        scale = given_scale.clone()
+        inv = inv_scale_from_scale_reference(scale)
+    elif scaling.kind == "tensor":
+        inv, scale = inv_scale_from_amax_reference(amax, fmt.max * 2.0**-margin, power_of_two)
+    else:  # one scale per group: x * inv in fp32 here, then the rounding with inv = 1 (exact)
         gm, gk = scaling.group_shape(r, c)
+        groups = _groups_view(x, gm, gk)
+        n_gm, n_gk = groups.shape[0], groups.shape[2]
         if given_scale is not None:
             scale = given_scale.clone()
-            inv = inv_scale_from_scale_reference(scale).reshape(scaling.scale_shape(r, c) or (1, 1))
+            group_inv = inv_scale_from_scale_reference(scale)
+        elif scaling.is_mx:
+            group_inv, code = e8m0_from_amax_reference(abs_max_reference(groups, (1, 3)), fmt)
+            scale = code.to(torch.uint8)
         else:
-            amax = _group_amax_reference(abs_nan_as_inf_reference(x), gm, gk)
-            if scaling.is_mx:
-                inv, code = e8m0_from_amax_reference(amax, fmt)
-                scale = code.to(torch.uint8).view(E8M0.torch_dtype)
-            else:
-                inv, scale = inv_scale_from_amax_reference(amax, fmt.max * 2.0**-margin, power_of_two)
-                scale = scale.reshape(scaling.scale_shape(r, c))
-        y = x * inv.repeat_interleave(gm, 0)[:r].repeat_interleave(gk, 1)[:, :c]
-    code, overflow = round_to_code_reference(y, rand, fmt, stochastic, saturate)
-    return codes_to_tensor(code, fmt).contiguous(), scale.contiguous(), overflow.sum().to(torch.int32)
+            group_inv, scale = inv_scale_from_amax_reference(
+                abs_max_reference(groups, (1, 3)), fmt.max * 2.0**-margin, power_of_two)
+        y = (groups.float() * group_inv.reshape(n_gm, 1, n_gk, 1)).reshape(n_gm * gm, n_gk * gk)[:r, :c]
+    codes, overflow = _round_codes_reference(y, inv, seed, word, offset_strides, fmt, stochastic, saturate)
+    return codes, scale.contiguous(), overflow
 
 
 def quantize_reference(x, fmt, rounding, scaling, seed, saturate, transpose, scale, margin, power_of_two):
     """Pure-PyTorch twin of the cast kernel on a 2-D x [M, K] (M, K >= 1).
 
     Returns [data [M, K], scale, amax [], saturated [2] (normal, transposed),
-    data_t [K, M] (or empty), scale_t (or empty)].
+    data_t [K, M] (or empty), scale_t (or empty)]. The element-wise rounding runs
+    compiled on large CPU tensors (:func:`_round_codes_reference`), with the same bits.
+    With one scale for the whole tensor and nearest rounding, data_t is the transposed
+    view of data: each element of the transposed copy rounds exactly as in the normal one.
     """
-    x = x.float()
     m, k = x.shape
     stochastic = rounding == "stochastic"
-    rand = rand_t = None
-    if stochastic:
-        offsets = torch.arange(m * k, dtype=torch.int64, device=x.device).reshape(m, k)
-        rand, rand_t, _, _ = philox_reference(seed, offsets)
-    amax = abs_nan_as_inf_reference(x).amax()
-    data, out_scale, sat = _quantize_head_reference(x, rand, fmt, scaling, stochastic, saturate, scale, margin, power_of_two)
+    device = x.device
+    seed_t = seed_tensor(seed, device)
+    amax = abs_max_reference(x)
+
+    def head(source, word, offset_strides, head_scaling):
+        words = torch.tensor(word, dtype=torch.int64, device=device)
+        strides = torch.tensor(offset_strides, dtype=torch.int64, device=device)
+        return _quantize_head_reference(source, amax, words, strides, seed_t, fmt, head_scaling, stochastic,
+                                        saturate, scale, margin, power_of_two)
+
+    data, out_scale, sat = head(x, 0, (k, 1), scaling)
     if transpose and not stochastic and scaling.kind in ("none", "tensor"):
-        # One scale for the whole tensor and no random bits: each element of the transposed
-        # copy rounds exactly as in the normal one.
-        data_t, scale_t, sat_t = data.t().clone(memory_format=torch.contiguous_format), out_scale.clone(), sat
+        data_t, scale_t, sat_t = data.t(), out_scale.clone(), sat
     elif transpose:
-        data_t, scale_t, sat_t = _quantize_head_reference(
-            x.t(), None if rand_t is None else rand_t.t(), fmt, scaling, stochastic, saturate,
-            scale, margin, power_of_two,
-        )
+        # x^T [K, M]: its element [i, j] is x[j, i], at offset j * K + i of x's view; second Philox word.
+        data_t, scale_t, sat_t = head(x.t(), 1, (1, k), scaling)
     else:
-        data_t = torch.empty((0, 0), dtype=fmt.torch_dtype, device=x.device)
-        scale_t = torch.empty((0,), dtype=torch.float32, device=x.device)
-        sat_t = torch.zeros((), dtype=torch.int32, device=x.device)
-    return [data, out_scale, amax, torch.stack([sat, sat_t]), data_t, scale_t]
+        data_t = torch.empty((0, 0), dtype=torch.uint8, device=device)
+        scale_t = torch.empty((0,), dtype=torch.float32, device=device)
+        sat_t = torch.zeros((), dtype=torch.int32, device=device)
+    if scaling.is_mx:
+        out_scale = out_scale.view(E8M0.torch_dtype)
+        scale_t = scale_t.view(E8M0.torch_dtype) if transpose else scale_t
+    return [data.view(fmt.torch_dtype), out_scale, amax, torch.stack([sat, sat_t]), data_t.view(fmt.torch_dtype), scale_t]
 
 
 # ----------------------------------------------------------------------------
@@ -450,8 +495,13 @@ def quantize_op(
     scale: Optional[torch.Tensor], margin: int, power_of_two: bool,
 ) -> list[torch.Tensor]:
     """The cast on a 2-D x [M, K] with M, K >= 1; see :func:`quantize`."""
-    impl = quantize_reference if _backend.resolve(x.device) == "torch" else _quantize_triton
-    return impl(x, get_format(fmt), rounding, Scaling.parse(scaling), seed, saturate, transpose, scale, margin, power_of_two)
+    args = (x, get_format(fmt), rounding, Scaling.parse(scaling), seed, saturate, transpose, scale, margin, power_of_two)
+    if _backend.resolve(x.device) != "torch":
+        return _quantize_triton(*args)
+    outs = quantize_reference(*args)
+    if transpose and outs[4]._base is not None:  # an op's outputs may not alias: copy the transposed view
+        outs[4] = outs[4].contiguous()
+    return outs
 
 
 @quantize_op.register_fake
@@ -579,10 +629,15 @@ def quantize(
         outs = _empty_result(x, fmt, scaling, transpose, m, k, scale)
     else:
         x2d = x if x.dim() == 2 else x.reshape(m, k)
-        outs = quantize_op(
-            x2d, fmt.name, rounding, scaling.spec(), 0 if seed is None else seed, saturate, transpose,
-            scale, margin, power_of_two,
-        )
+        if _backend.resolve(x.device) == "torch" and not torch.compiler.is_compiling():
+            # Eager reference called directly: its transposed copy may be a view of the codes.
+            outs = quantize_reference(x2d, fmt, rounding, scaling, 0 if seed is None else seed, saturate,
+                                      transpose, scale, margin, power_of_two)
+        else:
+            outs = quantize_op(
+                x2d, fmt.name, rounding, scaling.spec(), 0 if seed is None else seed, saturate, transpose,
+                scale, margin, power_of_two,
+            )
     data, out_scale, amax, saturated, data_t, scale_t = outs
     transposed = None
     if transpose:

@@ -202,6 +202,39 @@ def codes_to_tensor(code: torch.Tensor, fmt: Format) -> torch.Tensor:
     return signed.to(torch.int16).view(fmt.torch_dtype)
 
 
+def decode_codes_reference(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """8-bit codes (uint8, or an fp8 tensor's bits) -> their exact fp32 values, same shape.
+
+    Built on the bit pattern (exponent re-biased, mantissa shifted; subnormals as m * 2**(emin - man_bits),
+    exact), so a compiled caller gets vectorized integer code instead of a per-element fp8 conversion.
+    """
+    c = codes.view(torch.uint8).to(torch.int32)
+    exp_field = (c >> fmt.man_bits) & ((1 << fmt.exp_bits) - 1)
+    man = c & ((1 << fmt.man_bits) - 1)
+    normal = ((exp_field + (127 - fmt.bias)) << 23) | (man << (23 - fmt.man_bits))
+    subnormal = (man.float() * 2.0 ** (fmt.emin - fmt.man_bits)).view(torch.int32)
+    bits = torch.where(exp_field > 0, normal, subnormal)
+    magnitude = c & (fmt.sign_bit - 1)
+    inf = torch.full_like(bits, 0x7F800000)
+    nan = torch.full_like(bits, 0x7FC00000)
+    if fmt.inf_code != fmt.nan_code:  # E5M2: all-ones exponent is Inf (mantissa 0) or NaN
+        bits = torch.where(magnitude >= fmt.inf_code, torch.where(magnitude == fmt.inf_code, inf, nan), bits)
+    else:  # E4M3: only S.1111.111 is NaN
+        bits = torch.where(magnitude == fmt.nan_code, nan, bits)
+    return (bits | ((c & fmt.sign_bit) << (31 - fmt.exp_bits - fmt.man_bits))).view(torch.float32)
+
+
+def abs_max_reference(x: torch.Tensor, dim=None) -> torch.Tensor:
+    """max |x| (over ``dim``, default all) in fp32, +inf where a NaN occurs; the twin of
+    ``max(abs_nan_as_inf(x))``, from min and max (no |x| temporary: one or two passes over x)."""
+    if dim is None:
+        lo, hi = torch.aminmax(x)
+    else:
+        lo, hi = x.amin(dim=dim), x.amax(dim=dim)  # both propagate NaN
+    amax = torch.maximum(lo.float().abs(), hi.float().abs())
+    return torch.where(torch.isnan(amax), torch.full_like(amax, _INF), amax)
+
+
 def inv_scale_from_amax_reference(amax: torch.Tensor, fmax_margin: float, pow2: bool):
     amax = amax.float()
     usable = (amax > 0) & torch.isfinite(amax)
@@ -253,19 +286,25 @@ def _mul_hi_lo_u32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return (p >> 32) & _M32, p & _M32
 
 
-def philox_reference(seed: int, offsets: torch.Tensor, n_rounds: int = 10):
+def philox_reference(seed, offsets: torch.Tensor, n_rounds: int = 10):
     """Twin of ``tl.randint4x(seed, offsets)``: four int64 tensors holding uint32 values.
 
     The counter is (offset low word, offset high word, 0, 0), the key is (seed low
-    word, seed high word), exactly as Triton's ``philox`` builds them.
+    word, seed high word), exactly as Triton's ``philox`` builds them. ``seed`` is an
+    int or an int64 tensor of one element (a tensor keeps a compiled caller from
+    specializing on the seed's value).
     """
-    seed = int(seed)
     offsets = offsets.to(torch.int64)
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(device=offsets.device, dtype=torch.int64).reshape(())
+        k0, k1 = seed & _M32, (seed >> 32) & _M32
+    else:
+        seed = int(seed)
+        k0, k1 = seed & _M32, (seed >> 32) & _M32
     c0 = offsets & _M32
     c1 = (offsets >> 32) & _M32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
     for _ in range(n_rounds):
         hi_b, lo_b = _mul_hi_lo_u32(_PHILOX_ROUND_B, c2)
         hi_a, lo_a = _mul_hi_lo_u32(_PHILOX_ROUND_A, c0)
@@ -273,3 +312,8 @@ def philox_reference(seed: int, offsets: torch.Tensor, n_rounds: int = 10):
         k0 = (k0 + _PHILOX_KEY_A) & _M32
         k1 = (k1 + _PHILOX_KEY_B) & _M32
     return c0, c1, c2, c3
+
+
+def seed_tensor(seed: int, device=None) -> torch.Tensor:
+    """A Philox seed as an int64 tensor [], the form compiled references take."""
+    return torch.tensor(int(seed), dtype=torch.int64, device=device)
