@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from .formats import E8M0, Format
+from .ops.rounding import decode_codes
 
 BLOCK_SIZES = (16, 32, 64, 128)
 MX_BLOCK = 32
@@ -166,7 +167,7 @@ class FP8Tensor:
         shape = self.data.shape
         k = shape[-1] if len(shape) else 1
         m = math.prod(shape[:-1])
-        values = self.data.to(torch.float32).reshape(m, k)
+        values = decode_codes(self.data, self.fmt).reshape(m, k)
         out = values * expand_scale(self.scale, self.scaling, m, k)
         return out.reshape(shape).to(dtype)
 

@@ -69,7 +69,7 @@ from .. import backend as _backend
 from ..formats import E8M0, Format, get_format
 from ..tensor import FP8Tensor, Scaling, expand_scale
 from .quantize import ROUNDINGS, SEED_LIMIT, quantize_reference
-from .rounding import abs_nan_as_inf, inv_scale_from_scale, round_to_code
+from .rounding import abs_nan_as_inf, decode_codes, inv_scale_from_scale, round_to_code
 
 try:  # host-side tensor descriptors (TMA); Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -564,30 +564,62 @@ def _scaled_mm_triton(a, a_scale, a_scaling, b, b_scale, b_scaling, bias, out_dt
 # ----------------------------------------------------------------------------
 
 
+def _operand_reference(data: torch.Tensor, scale: torch.Tensor, scaling: Scaling, rows: int, cols: int):
+    """(fp32 values [rows, cols], outer scale or None) of one operand.
+
+    The codes become their exact fp32 values (same strides, so a transposed view stays a
+    view for the BLAS call). A scale constant along K (tensor / row / col) is returned to
+    multiply the product, as the kernel's epilogue does; a block or MX scale, which varies
+    along K, multiplies the values (each partial product of a block sees its own scale).
+    """
+    values = decode_codes(data, get_format(data.dtype))
+    if scaling.kind == "none":
+        return values, None
+    s = scale.float() if scale.dtype == E8M0.torch_dtype else scale
+    if scaling.kind in ("tensor", "row", "col"):
+        return values, s
+    return values * expand_scale(scale, scaling, rows, cols), None
+
+
+@_backend.compiled_reference
+def _epilogue_reference(acc, a_outer, b_outer, bias):
+    """acc [M, N] fp32 times the outer scales (a: [] or [M, 1], b: [] or [1, N]), plus bias [N]."""
+    if a_outer is not None:
+        acc = acc * a_outer
+    if b_outer is not None:
+        acc = acc * b_outer
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc
+
+
 def scaled_mm_reference(a, a_scale, a_scaling, b, b_scale, b_scaling, bias, out_dtype, out_fmt, out_scale,
-                        rounding, seed, saturate, compute_dtype: torch.dtype = torch.float32):
+                        rounding, seed, saturate):
     """Pure-PyTorch twin of the product kernels on 2-D a [M, K], b [K, N].
 
-    Dequantizes both operands (``data * scale``, scales broadcast over their groups)
-    and multiplies in ``compute_dtype`` (fp32; fp64 for tests, where both steps are
-    exact up to the final sum), adds the bias, then casts to ``out_dtype`` or, with
-    ``out_fmt``, rounds the fp32 result with the cast's reference (``out_scale`` as
-    a delayed tensor scale, Philox offsets m * N + n).
-    Returns [out [M, N], amax [], saturated []] like the kernel launcher.
+    The fp8 values are exact in fp32, so the product is one fp32 GEMM (BLAS) of the
+    decoded operands (block / MX scales applied to them), then the kernel's epilogue:
+    outer scales (tensor / row / col), bias, and a cast to ``out_dtype`` or, with
+    ``out_fmt``, rounding with the cast's reference (``out_scale`` as a delayed tensor
+    scale, Philox offsets m * N + n). Returns [out [M, N], amax [], saturated []] like
+    the kernel launcher.
     """
     m, k = a.shape
     n = b.shape[1]
-    a_deq = a.to(compute_dtype) * expand_scale(a_scale, a_scaling, m, k).to(compute_dtype)
-    b_deq = b.to(compute_dtype) * expand_scale(b_scale, b_scaling, k, n).to(compute_dtype)
-    y = a_deq @ b_deq
-    if bias is not None:
-        y = y + bias.to(compute_dtype)
+    a_values, a_outer = _operand_reference(a, a_scale, a_scaling, m, k)
+    b_values, b_outer = _operand_reference(b, b_scale, b_scaling, k, n)
+    if a_outer is not None and a_outer.dim() == 2:
+        a_outer = a_outer.reshape(m, 1)
+    if b_outer is not None and b_outer.dim() == 2:
+        b_outer = b_outer.reshape(1, n)
+    y = a_values @ b_values
+    if a_outer is not None or b_outer is not None or bias is not None:
+        y = _epilogue_reference(y, a_outer, b_outer, bias)
     if out_fmt is None:
         empty = torch.zeros((), dtype=torch.float32, device=a.device)
         return [y.to(out_dtype), empty, torch.zeros((), dtype=torch.int32, device=a.device)]
     scaling = Scaling("tensor" if out_scale is not None else "none")
-    data, _, amax, sat, _, _ = quantize_reference(
-        y.to(torch.float32), out_fmt, rounding, scaling, seed, saturate, False, out_scale, 0, False)
+    data, _, amax, sat, _, _ = quantize_reference(y, out_fmt, rounding, scaling, seed, saturate, False, out_scale, 0, False)
     return [data.view(torch.uint8), amax, sat[0]]
 
 

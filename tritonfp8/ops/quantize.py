@@ -389,37 +389,50 @@ def _groups_view(x: torch.Tensor, gm: int, gk: int) -> torch.Tensor:
     return x.reshape(-(-r // gm), gm, -(-c // gk), gk)
 
 
+# What a call of the element-wise cast emits: codes of x (first Philox word), codes of x^T
+# as a contiguous [K, M] tensor (second word), or both from the same scaled values.
+EMIT_NORMAL, EMIT_TRANSPOSED, EMIT_BOTH = "normal", "transposed", "both"
+
+
 @_backend.compiled_reference
-def _round_codes_reference(x, inv, seed, word, offset_strides, fmt, stochastic: bool, saturate: bool):
+def _round_codes_reference(x, inv, seed, fmt, stochastic: bool, saturate: bool, emit: str):
     """The element-wise cast: ``x * inv`` rounded once to ``fmt``.
 
-    x: [R, C] fp32 / bf16 / fp16, any strides; inv: fp32 [] inverse scale (1 when the
-    caller applied group scales already). Stochastic rounding takes word ``word`` (int64 [],
-    0 or 1) of Philox(seed, i * offset_strides[0] + j * offset_strides[1]) for element [i, j]
-    (int64 [2]: the element's offset in the [M, K] view the cast was asked for).
-    Returns (uint8 codes [R, C] contiguous, int32 [] count of finite values that overflowed).
-    Runs compiled on large CPU tensors (one fused loop), else eagerly.
+    x: [M, K] fp32 / bf16 / fp16, contiguous; inv: fp32 [] inverse scale (1 when the caller
+    applied group scales already). Stochastic rounding of element [m, k] takes Philox(seed,
+    m * K + k): its first word for x's codes, its second for the transposed copy's.
+    Returns [codes [M, K], overflow count, codes_t [K, M] contiguous, overflow count]
+    (uint8 codes, int32 [] counts; the outputs ``emit`` leaves out are empty / zero).
+    Runs compiled on large CPU tensors (one fused loop per output), else eagerly.
     """
     y = x.float() * inv
-    rand = None
+    first = second = None
     if stochastic:
-        r, c = x.shape
-        rows = torch.arange(r, dtype=torch.int64, device=x.device)[:, None]
-        cols = torch.arange(c, dtype=torch.int64, device=x.device)[None, :]
-        first, second, _, _ = philox_reference(seed, rows * offset_strides[0] + cols * offset_strides[1])
-        rand = torch.where(word == 0, first, second)
-    code, overflow = round_to_code_reference(y, rand, fmt, stochastic, saturate)
-    return code.to(torch.uint8).contiguous(), overflow.sum().to(torch.int32)
+        offsets = torch.arange(x.numel(), dtype=torch.int64, device=x.device).reshape(x.shape)
+        first, second, _, _ = philox_reference(seed, offsets)
+    none = torch.empty((0, 0), dtype=torch.uint8, device=x.device)
+    zero = torch.zeros((), dtype=torch.int32, device=x.device)
+    codes, overflow, codes_t, overflow_t = none, zero, none, zero
+    if emit != EMIT_TRANSPOSED:
+        code, over = round_to_code_reference(y, first, fmt, stochastic, saturate)
+        codes, overflow = code.to(torch.uint8), over.sum().to(torch.int32)
+    if emit != EMIT_NORMAL:
+        if stochastic or emit == EMIT_TRANSPOSED:
+            code, over = round_to_code_reference(y, second, fmt, stochastic, saturate)
+            codes_t, overflow_t = code.to(torch.uint8).t().contiguous(), over.sum().to(torch.int32)
+        else:  # nearest from the same scaled values: the same codes, transposed
+            codes_t, overflow_t = codes.t().contiguous(), overflow
+    return [codes, overflow, codes_t, overflow_t]
 
 
-def _quantize_head_reference(x, amax, word, offset_strides, seed, fmt, scaling, stochastic, saturate,
-                             given_scale, margin, power_of_two):
-    """Quantize an [R, C] tensor with ``scaling`` on its own axes -> (uint8 codes, scale, overflow count).
+def _quantize_head_reference(x, amax, seed, fmt, scaling, stochastic, saturate, given_scale, margin,
+                             power_of_two, emit):
+    """Quantize x [M, K] with ``scaling`` on x's axes -> [codes, scale, overflow, codes_t, overflow_t].
 
     ``amax`` is max |x| over the whole tensor (the "tensor" scaling's group); E8M0 scales
-    come back as uint8 codes.
+    come back as uint8 codes; ``emit`` as for :func:`_round_codes_reference`.
     """
-    r, c = x.shape
+    m, k = x.shape
     one = torch.ones((), dtype=torch.float32, device=x.device)
     y, inv = x, one
     if scaling.kind == "none":
@@ -430,7 +443,7 @@ def _quantize_head_reference(x, amax, word, offset_strides, seed, fmt, scaling, 
     elif scaling.kind == "tensor":
         inv, scale = inv_scale_from_amax_reference(amax, fmt.max * 2.0**-margin, power_of_two)
     else:  # one scale per group: x * inv in fp32 here, then the rounding with inv = 1 (exact)
-        gm, gk = scaling.group_shape(r, c)
+        gm, gk = scaling.group_shape(m, k)
         groups = _groups_view(x, gm, gk)
         n_gm, n_gk = groups.shape[0], groups.shape[2]
         if given_scale is not None:
@@ -442,42 +455,46 @@ def _quantize_head_reference(x, amax, word, offset_strides, seed, fmt, scaling, 
         else:
             group_inv, scale = inv_scale_from_amax_reference(
                 abs_max_reference(groups, (1, 3)), fmt.max * 2.0**-margin, power_of_two)
-        y = (groups.float() * group_inv.reshape(n_gm, 1, n_gk, 1)).reshape(n_gm * gm, n_gk * gk)[:r, :c]
-    codes, overflow = _round_codes_reference(y, inv, seed, word, offset_strides, fmt, stochastic, saturate)
-    return codes, scale.contiguous(), overflow
+        y = (groups.float() * group_inv.reshape(n_gm, 1, n_gk, 1)).reshape(n_gm * gm, n_gk * gk)[:m, :k]
+        y = y.contiguous()
+    codes, overflow, codes_t, overflow_t = _round_codes_reference(y, inv, seed, fmt, stochastic, saturate, emit)
+    return codes, scale.contiguous(), overflow, codes_t, overflow_t
 
 
 def quantize_reference(x, fmt, rounding, scaling, seed, saturate, transpose, scale, margin, power_of_two):
     """Pure-PyTorch twin of the cast kernel on a 2-D x [M, K] (M, K >= 1).
 
     Returns [data [M, K], scale, amax [], saturated [2] (normal, transposed),
-    data_t [K, M] (or empty), scale_t (or empty)]. The element-wise rounding runs
-    compiled on large CPU tensors (:func:`_round_codes_reference`), with the same bits.
-    With one scale for the whole tensor and nearest rounding, data_t is the transposed
-    view of data: each element of the transposed copy rounds exactly as in the normal one.
+    data_t [K, M] contiguous (or empty), scale_t (or empty)]. The element-wise rounding
+    runs compiled on large CPU tensors (:func:`_round_codes_reference`), with the same bits.
+
+    The transposed copy is computed in x's orientation: x^T's groups under ``scaling`` are
+    x's groups under ``scaling.transposed()``, and element [k, m] of x^T draws the second
+    Philox word at x's offset m * K + k. With one scale for the whole tensor both copies
+    come from the same scaled values in one call.
     """
-    m, k = x.shape
+    x = x.contiguous()
     stochastic = rounding == "stochastic"
     device = x.device
     seed_t = seed_tensor(seed, device)
     amax = abs_max_reference(x)
 
-    def head(source, word, offset_strides, head_scaling):
-        words = torch.tensor(word, dtype=torch.int64, device=device)
-        strides = torch.tensor(offset_strides, dtype=torch.int64, device=device)
-        return _quantize_head_reference(source, amax, words, strides, seed_t, fmt, head_scaling, stochastic,
-                                        saturate, scale, margin, power_of_two)
+    def head(head_scaling, emit):
+        return _quantize_head_reference(x, amax, seed_t, fmt, head_scaling, stochastic, saturate, scale, margin,
+                                        power_of_two, emit)
 
-    data, out_scale, sat = head(x, 0, (k, 1), scaling)
-    if transpose and not stochastic and scaling.kind in ("none", "tensor"):
-        data_t, scale_t, sat_t = data.t(), out_scale.clone(), sat
-    elif transpose:
-        # x^T [K, M]: its element [i, j] is x[j, i], at offset j * K + i of x's view; second Philox word.
-        data_t, scale_t, sat_t = head(x.t(), 1, (1, k), scaling)
+    if transpose and scaling.kind in ("none", "tensor"):
+        data, out_scale, sat, data_t, sat_t = head(scaling, EMIT_BOTH)
+        scale_t = out_scale.clone()
     else:
-        data_t = torch.empty((0, 0), dtype=torch.uint8, device=device)
-        scale_t = torch.empty((0,), dtype=torch.float32, device=device)
-        sat_t = torch.zeros((), dtype=torch.int32, device=device)
+        data, out_scale, sat, _, _ = head(scaling, EMIT_NORMAL)
+        if transpose:
+            _, scale_t, _, data_t, sat_t = head(scaling.transposed(), EMIT_TRANSPOSED)
+            scale_t = scale_t.t().contiguous()
+        else:
+            data_t = torch.empty((0, 0), dtype=torch.uint8, device=device)
+            scale_t = torch.empty((0,), dtype=torch.float32, device=device)
+            sat_t = torch.zeros((), dtype=torch.int32, device=device)
     if scaling.is_mx:
         out_scale = out_scale.view(E8M0.torch_dtype)
         scale_t = scale_t.view(E8M0.torch_dtype) if transpose else scale_t
@@ -498,10 +515,7 @@ def quantize_op(
     args = (x, get_format(fmt), rounding, Scaling.parse(scaling), seed, saturate, transpose, scale, margin, power_of_two)
     if _backend.resolve(x.device) != "torch":
         return _quantize_triton(*args)
-    outs = quantize_reference(*args)
-    if transpose and outs[4]._base is not None:  # an op's outputs may not alias: copy the transposed view
-        outs[4] = outs[4].contiguous()
-    return outs
+    return quantize_reference(*args)
 
 
 @quantize_op.register_fake
@@ -629,15 +643,10 @@ def quantize(
         outs = _empty_result(x, fmt, scaling, transpose, m, k, scale)
     else:
         x2d = x if x.dim() == 2 else x.reshape(m, k)
-        if _backend.resolve(x.device) == "torch" and not torch.compiler.is_compiling():
-            # Eager reference called directly: its transposed copy may be a view of the codes.
-            outs = quantize_reference(x2d, fmt, rounding, scaling, 0 if seed is None else seed, saturate,
-                                      transpose, scale, margin, power_of_two)
-        else:
-            outs = quantize_op(
-                x2d, fmt.name, rounding, scaling.spec(), 0 if seed is None else seed, saturate, transpose,
-                scale, margin, power_of_two,
-            )
+        outs = quantize_op(
+            x2d, fmt.name, rounding, scaling.spec(), 0 if seed is None else seed, saturate, transpose,
+            scale, margin, power_of_two,
+        )
     data, out_scale, amax, saturated, data_t, scale_t = outs
     transposed = None
     if transpose:

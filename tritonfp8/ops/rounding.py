@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import backend as _backend
 from ..formats import Format
 
 _INF = float("inf")
@@ -222,6 +223,10 @@ def decode_codes_reference(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
     else:  # E4M3: only S.1111.111 is NaN
         bits = torch.where(magnitude == fmt.nan_code, nan, bits)
     return (bits | ((c & fmt.sign_bit) << (31 - fmt.exp_bits - fmt.man_bits))).view(torch.float32)
+
+
+# The decode as the CPU path runs it: one compiled loop on large tensors.
+decode_codes = _backend.compiled_reference(decode_codes_reference)
 
 
 def abs_max_reference(x: torch.Tensor, dim=None) -> torch.Tensor:
