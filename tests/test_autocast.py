@@ -166,8 +166,9 @@ def _train(model, batches, steps, lr, loss_fn):
     return np.array(losses)
 
 
-def _compare(make_model, batches, steps, lr, loss_fn, recipe, tolerance):
-    torch.manual_seed(0)
+def _compare(make_model, batches, steps, lr, loss_fn, recipe, tolerance, seed=0):
+    """(fp32, fp8) mean loss of the last 20 steps; with ``tolerance``, asserts they agree."""
+    torch.manual_seed(seed)
     base = make_model()
     fp32 = _train(copy.deepcopy(base), batches, steps, lr, loss_fn)
     fp8_model = copy.deepcopy(base)
@@ -178,24 +179,31 @@ def _compare(make_model, batches, steps, lr, loss_fn, recipe, tolerance):
     tail_32, tail_8 = fp32[-20:].mean(), fp8[-20:].mean()
     assert tail_32 < fp32[:5].mean() * 0.7, "the fp32 run did not learn: the comparison would be empty"
     print(f"final loss (mean of last 20 steps): fp32 {tail_32:.4f}, fp8 {tail_8:.4f}")
-    assert abs(tail_8 - tail_32) <= tolerance * tail_32 + 0.02, (tail_32, tail_8)
+    if tolerance is not None:
+        assert abs(tail_8 - tail_32) <= tolerance * tail_32 + 0.02, (tail_32, tail_8)
     return tail_32, tail_8
 
 
 def test_resnet18_on_digits_tracks_fp32():
+    """Three seeds (weights and batch order): one seed's final loss moves by more than the
+    tolerance between runs of fp32 itself (0.52 to 0.85 over seeds 0-2), so the means are compared."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(digits.target)
-    g = torch.Generator().manual_seed(0)
-    order = torch.randint(0, len(labels), (120, 32), generator=g)
+    tails = []
+    for seed in range(3):
+        order = torch.randint(0, len(labels), (120, 32), generator=torch.Generator().manual_seed(seed))
 
-    def batches(step):
-        return images[order[step]], labels[order[step]]
+        def batches(step, order=order):
+            return images[order[step]], labels[order[step]]
 
-    _compare(lambda: ResNet18(num_classes=16, width=16, in_channels=1),
-             batches, 120, 0.05, F.cross_entropy, "hybrid", tolerance=0.15)  # measured: 0.519 vs 0.551
+        tails.append(_compare(lambda: ResNet18(num_classes=16, width=16, in_channels=1),
+                              batches, 120, 0.05, F.cross_entropy, "hybrid", tolerance=None, seed=seed))
+    tail_32, tail_8 = (sum(t[i] for t in tails) / len(tails) for i in (0, 1))
+    # measured: fp32 0.701 vs fp8 0.632 (means over the three seeds)
+    assert abs(tail_8 - tail_32) <= 0.15 * tail_32 + 0.02, tails
 
 
 def test_gpt_on_python_source_tracks_fp32():

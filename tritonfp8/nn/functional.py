@@ -4,6 +4,7 @@ The modules in :mod:`tritonfp8.nn` and :func:`tritonfp8.fp8_autocast` call these
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -40,11 +41,50 @@ def check_fp8_inputs(x: torch.Tensor, weight: torch.Tensor, what: str) -> None:
         raise ValueError(f"fp8 {what}: input is on {x.device} but weight is on {weight.device}")
 
 
+def _quantize_error(state: LayerState, recipe: Recipe, dy2d: torch.Tensor, transpose: bool, seed: int) -> FP8Tensor:
+    """The error cast of a backward product, reported to the active LossScaler and Trainer."""
+    dy_q = state.quantize(dy2d.contiguous(), "error", recipe.error, transpose=transpose, seed=seed)
+    state.error_saturated += dy_q.saturated
+    tracker = current_tracker()
+    if tracker is not None:  # a LossScaler's overflow flag: device-side, read once per step
+        tracker.record(dy_q)
+    stats = current_error_stats()
+    if stats is not None:  # tf8.Trainer's statistics: error values flushed to zero / saturated, on device
+        stats.record_error_cast(dy2d, dy_q)
+    return dy_q
+
+
+def _weight_grad(dy_q: FP8Tensor, x_t: FP8Tensor, recipe: Recipe, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """dW [N, K] = dy^T [N, T] @ x [T, K]; both quantized along T by the casts' transposed copies."""
+    a, b = dy_q.transposed, transpose_view(x_t)
+    if recipe.weight_grad is None:
+        return scaled_mm(a, b, out_dtype=dtype)
+    g = recipe.weight_grad
+    dw_q = scaled_mm(a, b, out_fmt=g.fmt, rounding=g.rounding, seed=seed if g.rounding == "stochastic" else None)
+    return dw_q.dequantize(dtype)
+
+
+def _recast_weight(state: LayerState, weight: torch.Tensor, recipe: Recipe, seed: int,
+                   delayed_scale: Optional[torch.Tensor]) -> FP8Tensor:
+    """The forward's weight cast again, with its transposed copy (W^T quantized along N) for dx.
+
+    Same seed and (delayed) scale as the forward, and the weight is unchanged (autograd checks
+    its version), so the codes are the forward's: the backward recasts W instead of keeping an
+    fp8 copy alive between forward and backward."""
+    return state.quantize(weight, "weight", recipe.weight, transpose=True, seed=seed,
+                          delayed_scale=delayed_scale).transposed
+
+
+def _delayed_scale(q: FP8Tensor, recipe: Recipe) -> Optional[torch.Tensor]:
+    return q.scale if recipe.weight.scale_source == "delayed" else None
+
+
 class _FP8LinearFunction(torch.autograd.Function):
     """y = x W^T + b with the forward, input-gradient and weight-gradient products in fp8.
 
-    Saved for backward: the fp8 transposed copies of x (x^T quantized along the token
-    dim, for dW) and of W (W^T quantized along N, for dx), not the high-precision x.
+    Saved for backward: the fp8 transposed copy of x (x^T quantized along the token dim,
+    for dW) and its scale, and W itself (a parameter, no copy): dx's operand W^T is recast
+    from it with the forward's seed and scale (the same bits).
     """
 
     @staticmethod
@@ -55,7 +95,8 @@ class _FP8LinearFunction(torch.autograd.Function):
         need_dx = ctx.needs_input_grad[0]
         need_dw = ctx.needs_input_grad[1]
         x_q = state.quantize(x2d, "activation", recipe.activation, transpose=need_dw)
-        w_q = state.quantize(weight, "weight", recipe.weight, transpose=need_dx)
+        ctx.weight_seed = state.seed("weight")
+        w_q = state.quantize(weight, "weight", recipe.weight, transpose=False, seed=ctx.weight_seed)
         out_dtype = _output_dtype(x)
         y = scaled_mm(x_q, transpose_view(w_q), bias=bias, out_dtype=out_dtype)
         ctx.recipe, ctx.state = recipe, state
@@ -65,13 +106,14 @@ class _FP8LinearFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
         # Only fp8 data and scales are saved; the FP8Tensor wrappers are rebuilt in backward.
-        saved, ctx.x_t_meta, ctx.w_t_meta = [], None, None
+        saved, ctx.x_t_meta, ctx.need_dx = [], None, need_dx
         if need_dw:
             ctx.x_t_meta = (x_q.transposed.fmt, x_q.transposed.scaling)
             saved += [x_q.transposed.data, x_q.transposed.scale]
         if need_dx:
-            ctx.w_t_meta = (w_q.transposed.fmt, w_q.transposed.scaling)
-            saved += [w_q.transposed.data, w_q.transposed.scale]
+            delayed = _delayed_scale(w_q, recipe)
+            ctx.has_delayed_scale = delayed is not None
+            saved += [weight] + ([delayed] if delayed is not None else [])
         ctx.save_for_backward(*saved)
         state.calls += 1
         return y.reshape(*x.shape[:-1], n)
@@ -81,31 +123,20 @@ class _FP8LinearFunction(torch.autograd.Function):
         recipe, state = ctx.recipe, ctx.state
         saved = list(ctx.saved_tensors)
         x_t = FP8Tensor(saved.pop(0), saved.pop(0), *ctx.x_t_meta) if ctx.x_t_meta else None
-        w_t = FP8Tensor(saved.pop(0), saved.pop(0), *ctx.w_t_meta) if ctx.w_t_meta else None
+        w_t = None
+        if ctx.need_dx:
+            weight = saved.pop(0)
+            delayed = saved.pop(0) if ctx.has_delayed_scale else None
+            w_t = _recast_weight(state, weight, recipe, ctx.weight_seed, delayed)
         n = dy.shape[-1]
         dy2d = dy.reshape(-1, n)
-        dy_q = state.quantize(dy2d.contiguous(), "error", recipe.error, transpose=x_t is not None, seed=ctx.error_seed)
-        state.error_saturated += dy_q.saturated
-        tracker = current_tracker()
-        if tracker is not None:  # a LossScaler's overflow flag: device-side, read once per step
-            tracker.record(dy_q)
-        stats = current_error_stats()
-        if stats is not None:  # tf8.Trainer's statistics: error values flushed to zero / saturated, on device
-            stats.record_error_cast(dy2d, dy_q)
+        dy_q = _quantize_error(state, recipe, dy2d, x_t is not None, ctx.error_seed)
         dx = dw = db = None
         if w_t is not None:
             # dx [T, K] = dy [T, N] @ W [N, K]; b is W^T quantized along N, viewed as [N, K].
             dx = scaled_mm(dy_q, transpose_view(w_t), out_dtype=ctx.x_dtype).reshape(ctx.x_shape)
         if x_t is not None:
-            # dW [N, K] = dy^T [N, T] @ x [T, K]; both quantized along T by the casts' transposed copies.
-            a, b = dy_q.transposed, transpose_view(x_t)
-            if recipe.weight_grad is None:
-                dw = scaled_mm(a, b, out_dtype=ctx.w_dtype)
-            else:
-                g = recipe.weight_grad
-                dw_q = scaled_mm(a, b, out_fmt=g.fmt, rounding=g.rounding,
-                                 seed=ctx.wgrad_seed if g.rounding == "stochastic" else None)
-                dw = dw_q.dequantize(ctx.w_dtype)
+            dw = _weight_grad(dy_q, x_t, recipe, ctx.wgrad_seed, ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2d.float().sum(0).to(ctx.bias_dtype)
         return dx, dw, db, None, None
@@ -172,6 +203,9 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     state = state if state is not None else LayerState(recipe, x.device)
+    if _codes_commute_with_im2col(recipe):
+        geometry = _ConvGeometry((kh, kw), stride, padding, dilation, groups, (ho, wo))
+        return _FP8Conv2dFunction.apply(x, weight, bias, geometry, recipe, state)
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, C*kh*kw, L]
     cols = cols.transpose(1, 2)  # [B, L, C*kh*kw], channel-major patches as weight.reshape(O, -1)
     og = o // groups
@@ -192,6 +226,131 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 def padded_k(k: int) -> int:
     """K rounded up to a multiple of 16 (conv patches are zero-padded to it: exact, and fp8 MMA-friendly)."""
     return -(-k // 16) * 16
+
+
+def _codes_commute_with_im2col(recipe: Recipe) -> bool:
+    """Whether im2col of the quantized input equals quantizing im2col of the input, bit for bit.
+
+    True for one scale over the tensor (or none) with nearest rounding: every copy of an input
+    element rounds alike, and the zero padding is the code of +0. Then the conv quantizes x once
+    and saves those codes (1 byte per input element) instead of the patch matrix.
+    """
+    a = recipe.activation
+    return a.parsed_scaling.kind in ("none", "tensor") and a.rounding == "nearest"
+
+
+@dataclass(frozen=True)
+class _ConvGeometry:
+    kernel: tuple
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+    out_hw: tuple
+
+
+def _im2col_codes(codes: torch.Tensor, g: _ConvGeometry, k_padded: int) -> torch.Tensor:
+    """fp8 codes x [B, C, H, W] -> patches [B*Ho*Wo, k_padded] (channel-major, as weight.reshape(O, -1)), a copy."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo) = g.kernel, g.stride, g.padding, g.dilation, g.out_hw
+    u8 = F.pad(codes.view(torch.uint8), (pw, pw, ph, ph))  # code 0 is +0.0 in both formats
+    b, c = u8.shape[:2]
+    s_b, s_c, s_h, s_w = u8.stride()
+    patches = u8.as_strided((b, ho, wo, c, kh, kw), (s_b, s_h * sh, s_w * sw, s_c, s_h * dh, s_w * dw))
+    cols = patches.reshape(b * ho * wo, c * kh * kw)
+    if k_padded > cols.shape[1]:  # zero columns add nothing to the product
+        cols = F.pad(cols, (0, k_padded - cols.shape[1]))
+    return cols.view(codes.dtype)
+
+
+def _group_weight(weight: torch.Tensor, group: int, groups: int, k_padded: int) -> torch.Tensor:
+    """Group ``group``'s filters of weight [O, C/groups, kh, kw] as a [O/groups, k_padded] matrix (zero-padded K)."""
+    og = weight.shape[0] // groups
+    w_g = weight[group * og:(group + 1) * og].reshape(og, -1)
+    return F.pad(w_g, (0, k_padded - w_g.shape[1]))
+
+
+class _FP8Conv2dFunction(torch.autograd.Function):
+    """conv2d as GEMMs on the im2col of the fp8 input (all three products in fp8).
+
+    Saved for backward: the fp8 codes of x [B, C, H, W] and its scale (the patch matrix is
+    rebuilt from them, 1/kh*kw of its size), and the weight itself (recast in backward as
+    :class:`_FP8LinearFunction` does).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, geometry: _ConvGeometry, recipe: Recipe, state: LayerState):
+        b, c, h, w = x.shape
+        o = weight.shape[0]
+        groups = geometry.groups
+        cg, og = c // groups, o // groups
+        k = weight.shape[1] * weight.shape[2] * weight.shape[3]
+        kp = padded_k(k)
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        x_q = state.quantize(x.reshape(-1, w), "activation", recipe.activation, transpose=False)
+        codes = x_q.data.reshape(b, c, h, w)
+        out_dtype = _output_dtype(x)
+        outs, delayed = [], []
+        ctx.weight_seed = state.seed("weight")
+        for gi in range(groups):
+            cols = FP8Tensor(_im2col_codes(codes[:, gi * cg:(gi + 1) * cg], geometry, kp), x_q.scale, x_q.fmt, x_q.scaling)
+            w_q = state.quantize(_group_weight(weight, gi, groups, kp), "weight", recipe.weight, transpose=False,
+                                 seed=ctx.weight_seed + gi)
+            b_g = None if bias is None else bias[gi * og:(gi + 1) * og]
+            outs.append(scaled_mm(cols, transpose_view(w_q), bias=b_g, out_dtype=out_dtype))
+            if _delayed_scale(w_q, recipe) is not None:
+                delayed.append(w_q.scale)
+        y = outs[0] if groups == 1 else torch.cat(outs, dim=-1)  # [B*L, O]
+        ctx.geometry, ctx.recipe, ctx.state = geometry, recipe, state
+        ctx.error_seed, ctx.wgrad_seed = state.seed("error"), state.seed("weight_grad")
+        ctx.x_shape, ctx.x_dtype, ctx.w_shape, ctx.w_dtype, ctx.k = x.shape, x.dtype, weight.shape, weight.dtype, k
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.x_meta = (x_q.fmt, x_q.scaling)
+        ctx.need_dx, ctx.n_delayed = need_dx, len(delayed) if need_dx else 0
+        saved = [codes, x_q.scale] if need_dw else []
+        if need_dx:
+            saved += [weight] + delayed
+        ctx.save_for_backward(*saved)
+        state.calls += 1
+        ho, wo = geometry.out_hw
+        return y.reshape(b, ho, wo, o).permute(0, 3, 1, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, recipe, state = ctx.geometry, ctx.recipe, ctx.state
+        b, c, h, w = ctx.x_shape
+        o = ctx.w_shape[0]
+        cg, og, k = c // g.groups, o // g.groups, ctx.k
+        kp = padded_k(k)
+        saved = list(ctx.saved_tensors)
+        need_dw = ctx.needs_input_grad[1]
+        codes, x_scale = (saved.pop(0), saved.pop(0)) if need_dw else (None, None)
+        w_ts = []
+        if ctx.need_dx:
+            weight, delayed = saved[0], saved[1:]
+            w_ts = [_recast_weight(state, _group_weight(weight, gi, g.groups, kp), recipe, ctx.weight_seed + gi,
+                                   delayed[gi] if delayed else None) for gi in range(g.groups)]
+        dy2d = dy.permute(0, 2, 3, 1).reshape(-1, o)  # [B*L, O]
+        dx_cols, dws = [], []
+        for gi in range(g.groups):
+            dy_q = _quantize_error(state, recipe, dy2d[:, gi * og:(gi + 1) * og], need_dw, ctx.error_seed + gi)
+            if w_ts:
+                dx_cols.append(scaled_mm(dy_q, transpose_view(w_ts[gi]), out_dtype=ctx.x_dtype)[:, :k])
+            if need_dw:
+                cols = _im2col_codes(codes[:, gi * cg:(gi + 1) * cg], g, kp)
+                # The activation's transposed copy: with one scale and nearest rounding, the same codes transposed.
+                x_t = FP8Tensor(cols.t().contiguous(), x_scale, *ctx.x_meta)
+                dws.append(_weight_grad(dy_q, x_t, recipe, ctx.wgrad_seed + gi, ctx.w_dtype)[:, :k])
+        dx = dw = db = None
+        if dx_cols:
+            cols = torch.cat(dx_cols, dim=-1) if g.groups > 1 else dx_cols[0]  # [B*L, C*kh*kw]
+            cols = cols.reshape(b, -1, c * g.kernel[0] * g.kernel[1]).transpose(1, 2)
+            dx = F.fold(cols, (h, w), g.kernel, dilation=g.dilation, padding=g.padding, stride=g.stride)
+        if dws:
+            dw = torch.cat(dws, dim=0).reshape(ctx.w_shape)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2d.float().sum(0).to(ctx.bias_dtype)
+        return dx, dw, db, None, None, None
 
 
 # ----------------------------------------------------------------------------

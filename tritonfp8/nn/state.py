@@ -43,13 +43,18 @@ class LayerState:
         return h
 
     def quantize(self, x: torch.Tensor, role: str, tensor_recipe: TensorRecipe, transpose: bool,
-                 seed: Optional[int] = None) -> FP8Tensor:
+                 seed: Optional[int] = None, delayed_scale: Optional[torch.Tensor] = None) -> FP8Tensor:
         """Quantize ``x`` [M, K] for ``role`` as the recipe says, updating the history.
 
-        ``seed`` defaults to :meth:`seed` of the role at the current call count."""
+        ``seed`` defaults to :meth:`seed` of the role at the current call count. A backward
+        pass that recasts the forward's tensor passes the forward's seed and, for delayed
+        scaling, its scale as ``delayed_scale`` (the history is then left alone), so that it
+        gets the forward's bits."""
         r = tensor_recipe
         scale = None
-        if r.scale_source == "delayed":
+        if r.scale_source == "delayed" and delayed_scale is not None:
+            scale = delayed_scale
+        elif r.scale_source == "delayed":
             history = self._history(role, x.device)
             amax = history.amax() if self.recipe.amax_reduction == "max" else history[0]
             fmt = get_format(r.fmt)
@@ -61,7 +66,7 @@ class LayerState:
             transpose=transpose, scale=scale,
             margin=r.margin if scale is None else 0, power_of_two=r.power_of_two if scale is None else False,
         )
-        if r.scale_source == "delayed":
+        if r.scale_source == "delayed" and delayed_scale is None:
             history = self._history(role, x.device)
             history.copy_(torch.cat([q.amax.reshape(1), history[:-1]]))
         return q

@@ -61,7 +61,7 @@ import triton.language as tl
 
 from .. import backend as _backend
 from ..formats import BF16, FP16, Format
-from .rounding import codes_to_tensor, philox_reference, round_to_code, round_to_code_reference
+from .rounding import codes_to_tensor, philox_reference, round_to_code, round_to_code_reference, seed_tensor
 
 BLOCK = 1024  # elements per program
 ALIGN = 16  # segments in a flat buffer start and end at multiples of this many elements
@@ -279,16 +279,6 @@ def _adamw_triton(param, grad, exp_avg, exp_avg_sq, chunks, inv_scales, seed, lr
 _FORMAT_OF = {torch.float16: FP16, torch.bfloat16: BF16}
 
 
-def _gather_chunks(chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(element offsets [n] int64, segment index [n] int64) of every element a chunk table covers."""
-    c = chunks.to("cpu")
-    start, end, seg = c.unbind(1)
-    lens = end - start
-    first = torch.cumsum(lens, 0) - lens
-    idx = torch.arange(int(lens.sum()), dtype=torch.int64) + torch.repeat_interleave(start - first, lens)
-    return idx.to(chunks.device), torch.repeat_interleave(seg, lens).to(chunks.device)
-
-
 def round_to_dtype_reference(x: torch.Tensor, dtype: torch.dtype, rand, stochastic: bool) -> torch.Tensor:
     """Twin of ``_store_rounded``: fp32 ``x`` -> ``dtype`` (fp32 unchanged; fp16/bf16 rounded once, Inf on overflow)."""
     if dtype == torch.float32:
@@ -307,6 +297,69 @@ def _scalar(v: float, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.float32, device=like.device)
 
 
+def _runs(chunks: torch.Tensor) -> list[tuple[int, int, int]]:
+    """The chunk table's (start, end, segment index) merged into maximal contiguous runs of one segment."""
+    runs: list[list[int]] = []
+    for start, end, seg in chunks.to("cpu").tolist():
+        if runs and runs[-1][1] == start and runs[-1][2] == seg:
+            runs[-1][1] = end
+        else:
+            runs.append([start, end, seg])
+    return [tuple(r) for r in runs]
+
+
+@_backend.compiled_reference
+def _sgd_run_reference(param, grad, momentum_buffer, inv_scale, seed, offset, s: dict, weight_decay: bool,
+                       nesterov: bool, first: bool, has_momentum: bool, stochastic: bool):
+    """One contiguous run of the flat buffers (param, grad, buffer: [n] views), updated in place.
+
+    ``offset`` (int64 []) is the run's first element offset in the flat buffer: Philox is keyed
+    by (seed, element offset), as in the kernel. Runs compiled on large CPU tensors.
+    """
+    g = grad.float() * inv_scale
+    g = g * s["sign"]
+    p = param.float()
+    if weight_decay:
+        g = g + p * s["weight_decay"]
+    if has_momentum:
+        if first:
+            buf = g
+        else:
+            buf = momentum_buffer.float() * s["momentum"] + g * s["damp"]
+        momentum_buffer.copy_(round_to_dtype_reference(buf, momentum_buffer.dtype, None, False))
+        g = g + buf * s["momentum"] if nesterov else buf
+    p = p - g * s["lr"]
+    rand = None
+    if stochastic:
+        rand = philox_reference(seed, torch.arange(param.numel(), dtype=torch.int64, device=param.device) + offset)[0]
+    param.copy_(round_to_dtype_reference(p, param.dtype, rand, stochastic))
+
+
+@_backend.compiled_reference
+def _adamw_run_reference(param, grad, exp_avg, exp_avg_sq, inv_scale, seed, offset, s: dict, stochastic: bool):
+    """One contiguous run of the flat AdamW buffers ([n] views), updated in place (see :func:`_sgd_run_reference`)."""
+    g = grad.float() * inv_scale
+    g = g * s["sign"]
+    p = param.float() * s["decay"]
+    m = exp_avg.float() * s["beta1"] + g * s["one_minus_beta1"]
+    v = exp_avg_sq.float() * s["beta2"] + (g * g) * s["one_minus_beta2"]
+    exp_avg.copy_(round_to_dtype_reference(m, exp_avg.dtype, None, False))
+    exp_avg_sq.copy_(round_to_dtype_reference(v, exp_avg_sq.dtype, None, False))
+    denom = _sqrt_rn(v) / s["bias_correction2_sqrt"] + s["eps"]
+    p = p - (m / denom) * s["step_size"]
+    rand = None
+    if stochastic:
+        rand = philox_reference(seed, torch.arange(param.numel(), dtype=torch.int64, device=param.device) + offset)[0]
+    param.copy_(round_to_dtype_reference(p, param.dtype, rand, stochastic))
+
+
+def _run_args(chunks, inv_scales, seed, device):
+    """Per run: (slice, inv scale [], offset []) and the seed as a tensor."""
+    seed_t = seed_tensor(seed, device)
+    for start, end, seg in _runs(chunks):
+        yield slice(start, end), inv_scales[seg], torch.tensor(start, dtype=torch.int64, device=device), seed_t
+
+
 def sgd_reference(param, grad, momentum_buffer, chunks, inv_scales, seed, lr, weight_decay, momentum, dampening,
                   nesterov, maximize, first, has_momentum, stochastic):
     """Pure-torch twin of ``_sgd_kernel`` over all chunks; updates ``param`` (and the buffer) in place."""
@@ -314,22 +367,10 @@ def sgd_reference(param, grad, momentum_buffer, chunks, inv_scales, seed, lr, we
         return
     host = sgd_scalars(lr, weight_decay, momentum, dampening, maximize)
     s = {k: _scalar(v, param) for k, v in host.items()}
-    idx, seg = _gather_chunks(chunks)
-    g = grad[idx].float() * inv_scales[seg]
-    g = g * s["sign"]
-    p = param[idx].float()
-    if host["weight_decay"] != 0.0:
-        g = g + p * s["weight_decay"]
-    if has_momentum:
-        if first:
-            buf = g
-        else:
-            buf = momentum_buffer[idx].float() * s["momentum"] + g * s["damp"]
-        momentum_buffer[idx] = round_to_dtype_reference(buf, momentum_buffer.dtype, None, False)
-        g = g + buf * s["momentum"] if nesterov else buf
-    p = p - g * s["lr"]
-    rand = philox_reference(seed, idx)[0] if stochastic else None
-    param[idx] = round_to_dtype_reference(p, param.dtype, rand, stochastic)
+    for run, inv_scale, offset, seed_t in _run_args(chunks, inv_scales, seed, param.device):
+        _sgd_run_reference(param[run], grad[run], momentum_buffer[run] if has_momentum else momentum_buffer,
+                           inv_scale, seed_t, offset, s, host["weight_decay"] != 0.0, nesterov, first,
+                           has_momentum, stochastic)
 
 
 def adamw_reference(param, grad, exp_avg, exp_avg_sq, chunks, inv_scales, seed, lr, beta1, beta2, eps,
@@ -338,18 +379,9 @@ def adamw_reference(param, grad, exp_avg, exp_avg_sq, chunks, inv_scales, seed, 
     if chunks.shape[0] == 0:
         return
     s = {k: _scalar(v, param) for k, v in adamw_scalars(lr, beta1, beta2, eps, weight_decay, step, maximize).items()}
-    idx, seg = _gather_chunks(chunks)
-    g = grad[idx].float() * inv_scales[seg]
-    g = g * s["sign"]
-    p = param[idx].float() * s["decay"]
-    m = exp_avg[idx].float() * s["beta1"] + g * s["one_minus_beta1"]
-    v = exp_avg_sq[idx].float() * s["beta2"] + (g * g) * s["one_minus_beta2"]
-    exp_avg[idx] = round_to_dtype_reference(m, exp_avg.dtype, None, False)
-    exp_avg_sq[idx] = round_to_dtype_reference(v, exp_avg_sq.dtype, None, False)
-    denom = _sqrt_rn(v) / s["bias_correction2_sqrt"] + s["eps"]
-    p = p - (m / denom) * s["step_size"]
-    rand = philox_reference(seed, idx)[0] if stochastic else None
-    param[idx] = round_to_dtype_reference(p, param.dtype, rand, stochastic)
+    for run, inv_scale, offset, seed_t in _run_args(chunks, inv_scales, seed, param.device):
+        _adamw_run_reference(param[run], grad[run], exp_avg[run], exp_avg_sq[run], inv_scale, seed_t, offset, s,
+                             stochastic)
 
 
 # ----------------------------------------------------------------------------

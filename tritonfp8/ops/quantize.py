@@ -389,6 +389,11 @@ def _groups_view(x: torch.Tensor, gm: int, gk: int) -> torch.Tensor:
     return x.reshape(-(-r // gm), gm, -(-c // gk), gk)
 
 
+def _transposed_copy(t: torch.Tensor) -> torch.Tensor:
+    """t^T as a new contiguous tensor (never t itself, as .contiguous() would give for [1, K])."""
+    return t.t().clone(memory_format=torch.contiguous_format)
+
+
 # What a call of the element-wise cast emits: codes of x (first Philox word), codes of x^T
 # as a contiguous [K, M] tensor (second word), or both from the same scaled values.
 EMIT_NORMAL, EMIT_TRANSPOSED, EMIT_BOTH = "normal", "transposed", "both"
@@ -419,9 +424,9 @@ def _round_codes_reference(x, inv, seed, fmt, stochastic: bool, saturate: bool, 
     if emit != EMIT_NORMAL:
         if stochastic or emit == EMIT_TRANSPOSED:
             code, over = round_to_code_reference(y, second, fmt, stochastic, saturate)
-            codes_t, overflow_t = code.to(torch.uint8).t().contiguous(), over.sum().to(torch.int32)
+            codes_t, overflow_t = _transposed_copy(code.to(torch.uint8)), over.sum().to(torch.int32)
         else:  # nearest from the same scaled values: the same codes, transposed
-            codes_t, overflow_t = codes.t().contiguous(), overflow
+            codes_t, overflow_t = _transposed_copy(codes), overflow
     return [codes, overflow, codes_t, overflow_t]
 
 
