@@ -10,6 +10,12 @@ products plus ``tf8.optim.SGD`` with fp16 master weights and stochastic rounding
 
 Writes ``<out>.md`` and ``<out>.json`` (machine, versions, commit). Ratios are to fp32 eager
 in the same run; on these 2-core machines absolute times move by 10-30% between runs.
+
+glibc returns every freed buffer over 32 MB to the OS, so each such temporary costs page
+faults on its next use (fresh 32 MB: about 10 ms here). The fp8 path makes more temporaries
+than fp32, so its ratio depends on this. Run once as is and once with
+``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296`` (heap reuse, what
+jemalloc / tcmalloc give); the results record which.
 """
 from __future__ import annotations
 
@@ -185,6 +191,8 @@ def main() -> None:
     info = machine_info()
     info["compiled_reference"] = backend.compile_enabled()
     info["torchao"] = _torchao_version()
+    info["malloc"] = ", ".join(f"{k}={os.environ[k]}" for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+                               if k in os.environ) or "glibc defaults"
     write_results(args.out, rows, info, ["benchmark", "case", "ms", "vs fp32", "Melem/s", "eager Melem/s", "MB", "detail"])
     for r in rows:
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "detail"})
