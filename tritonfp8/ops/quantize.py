@@ -406,8 +406,10 @@ def _round_codes_reference(x, inv, seed, fmt, stochastic: bool, saturate: bool, 
     x: [M, K] fp32 / bf16 / fp16, contiguous; inv: fp32 [] inverse scale (1 when the caller
     applied group scales already). Stochastic rounding of element [m, k] takes Philox(seed,
     m * K + k): its first word for x's codes, its second for the transposed copy's.
-    Returns [codes [M, K], overflow count, codes_t [K, M] contiguous, overflow count]
-    (uint8 codes, int32 [] counts; the outputs ``emit`` leaves out are empty / zero).
+    Returns [codes [M, K], overflow count, codes of the transposed copy [M, K] (still in x's
+    orientation), overflow count] (uint8 codes, int32 [] counts; the outputs ``emit`` leaves
+    out are empty / zero). The caller transposes: inside a dynamic-shape graph Inductor's
+    transposed store took minutes to compile for some shapes.
     Runs compiled on large CPU tensors (one fused loop per output), else eagerly.
     """
     y = x.float() * inv
@@ -424,9 +426,9 @@ def _round_codes_reference(x, inv, seed, fmt, stochastic: bool, saturate: bool, 
     if emit != EMIT_NORMAL:
         if stochastic or emit == EMIT_TRANSPOSED:
             code, over = round_to_code_reference(y, second, fmt, stochastic, saturate)
-            codes_t, overflow_t = _transposed_copy(code.to(torch.uint8)), over.sum().to(torch.int32)
+            codes_t, overflow_t = code.to(torch.uint8), over.sum().to(torch.int32)
         else:  # nearest from the same scaled values: the same codes, transposed
-            codes_t, overflow_t = _transposed_copy(codes), overflow
+            codes_t, overflow_t = codes, overflow
     return [codes, overflow, codes_t, overflow_t]
 
 
@@ -463,6 +465,8 @@ def _quantize_head_reference(x, amax, seed, fmt, scaling, stochastic, saturate, 
         y = (groups.float() * group_inv.reshape(n_gm, 1, n_gk, 1)).reshape(n_gm * gm, n_gk * gk)[:m, :k]
         y = y.contiguous()
     codes, overflow, codes_t, overflow_t = _round_codes_reference(y, inv, seed, fmt, stochastic, saturate, emit)
+    if emit != EMIT_NORMAL:
+        codes_t = _transposed_copy(codes_t)
     return codes, scale.contiguous(), overflow, codes_t, overflow_t
 
 
