@@ -77,15 +77,20 @@ def get_backend() -> str:
 
 
 @contextlib.contextmanager
-def use_backend(name: str):
-    """Context manager form of :func:`set_backend`; restores the previous backend on exit."""
-    global _backend
-    previous = _backend
-    _backend = _check(name)
+def _temporarily(name: str, value):
+    """Set this module's global ``name`` to ``value`` inside the block; restore it on exit."""
+    module = globals()
+    previous = module[name]
+    module[name] = value
     try:
         yield
     finally:
-        _backend = previous
+        module[name] = previous
+
+
+def use_backend(name: str):
+    """Context manager form of :func:`set_backend`; restores the previous backend on exit."""
+    return _temporarily("_backend", _check(name))
 
 
 def cuda_ok() -> tuple[bool, str]:
@@ -173,16 +178,9 @@ def set_compile(enabled: bool) -> None:
     _compile_enabled = bool(enabled)
 
 
-@contextlib.contextmanager
 def use_compile(enabled: bool):
-    """Context manager form of :func:`set_compile`."""
-    global _compile_enabled
-    previous = _compile_enabled
-    _compile_enabled = bool(enabled)
-    try:
-        yield
-    finally:
-        _compile_enabled = previous
+    """Context manager form of :func:`set_compile`; restores the previous setting on exit."""
+    return _temporarily("_compile_enabled", bool(enabled))
 
 
 def _give_up_compiling(error: BaseException) -> None:

@@ -575,9 +575,8 @@ def _operand_reference(data: torch.Tensor, scale: torch.Tensor, scaling: Scaling
     values = decode_codes(data, get_format(data.dtype))
     if scaling.kind == "none":
         return values, None
-    s = scale.float() if scale.dtype == E8M0.torch_dtype else scale
-    if scaling.kind in ("tensor", "row", "col"):
-        return values, s
+    if scaling.kind in ("tensor", "row", "col"):  # fp32 [], [rows, 1] or [1, cols]
+        return values, scale
     return values * expand_scale(scale, scaling, rows, cols), None
 
 
@@ -608,10 +607,6 @@ def scaled_mm_reference(a, a_scale, a_scaling, b, b_scale, b_scaling, bias, out_
     n = b.shape[1]
     a_values, a_outer = _operand_reference(a, a_scale, a_scaling, m, k)
     b_values, b_outer = _operand_reference(b, b_scale, b_scaling, k, n)
-    if a_outer is not None and a_outer.dim() == 2:
-        a_outer = a_outer.reshape(m, 1)
-    if b_outer is not None and b_outer.dim() == 2:
-        b_outer = b_outer.reshape(1, n)
     y = a_values @ b_values
     if a_outer is not None or b_outer is not None or bias is not None:
         y = _epilogue_reference(y, a_outer, b_outer, bias)

@@ -394,8 +394,8 @@ def _transposed_copy(t: torch.Tensor) -> torch.Tensor:
     return t.t().clone(memory_format=torch.contiguous_format)
 
 
-# What a call of the element-wise cast emits: codes of x (first Philox word), codes of x^T
-# as a contiguous [K, M] tensor (second word), or both from the same scaled values.
+# What a call of the element-wise cast emits: codes of x (first Philox word), codes of the
+# transposed copy (second word, still in x's orientation), or both from the same scaled values.
 EMIT_NORMAL, EMIT_TRANSPOSED, EMIT_BOTH = "normal", "transposed", "both"
 
 

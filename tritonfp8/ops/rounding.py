@@ -147,10 +147,6 @@ def e8m0_from_amax(amax, EMAX: tl.constexpr, MAX_FRAC: tl.constexpr):
 # ----------------------------------------------------------------------------
 
 
-def abs_nan_as_inf_reference(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isnan(x), torch.full_like(x, _INF), x.abs())
-
-
 def round_to_code_reference(
     x: torch.Tensor, rand: torch.Tensor | None, fmt: Format, stochastic: bool, saturate: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
