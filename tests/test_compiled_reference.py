@@ -104,11 +104,24 @@ def test_product_compiled_equals_eager(scalings):
     a = tf8.quantize(torch.randn(200, 300), "e4m3", "nearest", scalings[0])
     b = tf8.quantize(torch.randn(300, 170), "e5m2", "nearest", scalings[1])
     bias = torch.randn(170)
-    y, y_eager = _compiled_and_eager(lambda: tf8.scaled_mm(a, b, bias=bias, out_dtype=torch.float32), rounding.decode_codes)
+    y, y_eager = _compiled_and_eager(lambda: tf8.scaled_mm(a, b, bias=bias, out_dtype=torch.float32),
+                                     rounding.decode_codes_into)
     assert torch.equal(y, y_eager)
     q8, q8_eager = _compiled_and_eager(
         lambda: tf8.scaled_mm(a, b, out_fmt="e5m2", rounding="stochastic", seed=5), q_ops._round_codes_reference)
     assert torch.equal(q8.data.view(torch.uint8), q8_eager.data.view(torch.uint8))
+
+
+def test_fp16_codes_through_values_equal_their_bit_patterns():
+    """codes_to_tensor builds fp16 from exact fp32 values (a store Inductor vectorizes); every
+    16-bit pattern the rounding can emit (all but non-canonical NaNs) keeps its bits, compiled and eager."""
+    codes = torch.arange(1 << 16, dtype=torch.int32)
+    nan = ((codes & 0x7C00) == 0x7C00) & ((codes & 0x3FF) != 0)
+    codes = torch.where(nan, (codes & 0x8000) | 0x7E00, codes)  # the rounding's NaN: 0x7E00 with the sign
+    convert = backend.compiled_reference(lambda c: rounding.codes_to_tensor(c, tf8.formats.FP16))
+    expected = (((codes & 0xFFFF) ^ 0x8000) - 0x8000).to(torch.int16)
+    a, b = _compiled_and_eager(lambda: convert(codes), convert)
+    assert torch.equal(a.view(torch.int16), expected) and torch.equal(b.view(torch.int16), expected)
 
 
 OPTIM_CASES = [
