@@ -112,15 +112,15 @@ def test_product_compiled_equals_eager(scalings):
     assert torch.equal(q8.data.view(torch.uint8), q8_eager.data.view(torch.uint8))
 
 
-def test_fp16_codes_through_values_equal_their_bit_patterns():
-    """codes_to_tensor builds fp16 from exact fp32 values (a store Inductor vectorizes); every
-    16-bit pattern the rounding can emit (all but non-canonical NaNs) keeps its bits, compiled and eager."""
+@pytest.mark.parametrize("fmt", [tf8.formats.FP16, tf8.formats.BF16], ids=["fp16", "bf16"])
+def test_16_bit_codes_to_tensor_keep_every_pattern(fmt):
+    """codes_to_tensor writes 16-bit patterns as byte pairs (a store Inductor vectorizes):
+    every pattern keeps its bits, compiled and eager."""
     codes = torch.arange(1 << 16, dtype=torch.int32)
-    nan = ((codes & 0x7C00) == 0x7C00) & ((codes & 0x3FF) != 0)
-    codes = torch.where(nan, (codes & 0x8000) | 0x7E00, codes)  # the rounding's NaN: 0x7E00 with the sign
-    convert = backend.compiled_reference(lambda c: rounding.codes_to_tensor(c, tf8.formats.FP16))
+    convert = backend.compiled_reference(lambda c: rounding.codes_to_tensor(c, fmt))
     expected = (((codes & 0xFFFF) ^ 0x8000) - 0x8000).to(torch.int16)
     a, b = _compiled_and_eager(lambda: convert(codes), convert)
+    assert a.dtype == fmt.torch_dtype and a.shape == codes.shape
     assert torch.equal(a.view(torch.int16), expected) and torch.equal(b.view(torch.int16), expected)
 
 

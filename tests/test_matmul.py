@@ -401,8 +401,9 @@ def test_reference_matches_torch_scaled_mm():
     assert ((ours.double() - theirs.double()).abs() <= 2 * bound).all()
 
 
+@pytest.mark.parametrize("mnk", [(150, 140, 256), (130, 128, 256)], ids=["edge-blocks", "tiled-blocks"])
 @pytest.mark.parametrize("pairing", CORE_PAIRINGS + [("none", "none"), ("tensor", "mx")], ids=_pid)
-def test_cpu_reference_within_the_fp32_bound(pairing):
+def test_cpu_reference_within_the_fp32_bound(pairing, mnk):
     """The CPU path (decode into reused buffers; the bf16 matmul mode where every operand value
     is exact in bf16, fp32 BLAS where a block / MX scale is folded into the operands) keeps the
     fp32-accumulation bound. On a CPU whose oneDNN runs that mode on bf16 units (AMX), a block-
@@ -410,7 +411,7 @@ def test_cpu_reference_within_the_fp32_bound(pairing):
     oneDNN computes in fp32 there, so this checks the bound of the route taken."""
     if _k_extent(pairing[0]) and _k_extent(pairing[1]) and _k_extent(pairing[0]) != _k_extent(pairing[1]):
         pytest.skip("block shapes do not match along K")
-    a, b = _operands(150, 140, 256, *pairing)
+    a, b = _operands(*mnk, *pairing)
     a, b = _to(a, "cpu"), _to(b, "cpu")
     with reference():
         _check(tf8.scaled_mm(a, b, out_dtype=torch.float32), a, b)

@@ -621,7 +621,17 @@ def _operand_reference(slot: str, data: torch.Tensor, scale: torch.Tensor, scali
         return values, None
     if scaling.kind in _OUTER_KINDS:  # fp32 [], [rows, 1] or [1, cols]
         return values, scale
-    return values.mul_(expand_scale(scale, scaling, rows, cols)), None
+    return _scale_blocks_(values, scale, scaling, rows, cols), None
+
+
+def _scale_blocks_(values: torch.Tensor, scale: torch.Tensor, scaling: Scaling, rows: int, cols: int) -> torch.Tensor:
+    """values [rows, cols] *= its block / MX scale, in place: a broadcast over a blocked view
+    when the blocks tile the operand (no expanded [rows, cols] scale), else the expanded scale."""
+    gm, gk = scaling.group_shape(rows, cols)
+    if rows % gm or cols % gk:
+        return values.mul_(expand_scale(scale, scaling, rows, cols))
+    values.view(rows // gm, gm, cols // gk, gk).mul_(scale.float().view(rows // gm, 1, cols // gk, 1))
+    return values
 
 
 def _exact_gemm(a_values: torch.Tensor, b_values: torch.Tensor, bf16_exact: bool) -> torch.Tensor:

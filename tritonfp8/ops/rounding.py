@@ -28,6 +28,8 @@ Rounding of a finite fp32 value ``v = sig * 2**(e - 23)``:
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import triton
 import triton.language as tl
@@ -195,13 +197,11 @@ def codes_to_tensor(code: torch.Tensor, fmt: Format) -> torch.Tensor:
     """Int codes -> a tensor of ``fmt.torch_dtype`` with exactly those bits."""
     if fmt.bits == 8:
         return code.to(torch.uint8).view(fmt.torch_dtype)
-    if fmt.name == "fp16":
-        # Inductor's CPU loops vectorize fp16 stores but not int16 ones: build each code's
-        # exact value in fp32 and convert it (exact, NaN included: 0x7FC00000 -> 0x7E00).
-        # bf16 cannot go this way: the vectorized fp32 -> bf16 conversion writes NaN as 0xFFFF.
-        return _code_values(code, fmt).to(torch.float16)
-    signed = ((code & 0xFFFF) ^ 0x8000) - 0x8000  # the 16-bit pattern as a signed value
-    return signed.to(torch.int16).view(fmt.torch_dtype)
+    # Inductor's CPU loops vectorize uint8 stores but not int16 ones: write the two bytes of
+    # each 16-bit pattern and view the pairs as the 16-bit dtype (4-6x faster optimizer steps).
+    low, high = (code & 0xFF).to(torch.uint8), ((code >> 8) & 0xFF).to(torch.uint8)
+    pair = torch.stack([low, high] if sys.byteorder == "little" else [high, low], dim=-1)
+    return pair.view(fmt.torch_dtype).squeeze(-1)
 
 
 def _code_values(c: torch.Tensor, fmt: Format) -> torch.Tensor:
