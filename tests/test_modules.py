@@ -8,6 +8,8 @@ plus, for values below the smallest normal (no scaling), half a subnormal step
 times the other operand, plus the output's own rounding (bf16 2^-9, fp32 accumulation
 K * 2^-24). The tests check this elementwise against an fp64 product.
 """
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -76,7 +78,7 @@ def test_conv2d_matches_fp64_within_bound(recipe_name):
     recipe = tf8.get_recipe(recipe_name)
     conv = tf8.nn.Conv2d(8, 32, 3, stride=2, padding=1, recipe=recipe)
     ref = nn.Conv2d(8, 32, 3, stride=2, padding=1).double()
-    ref.load_state_dict({k: v.double() for k, v in conv.state_dict().items() if k != "fp8_state"})
+    ref.load_state_dict({k: v.double() for k, v in conv.state_dict().items() if not k.startswith("fp8_state.")})
     x = torch.randn(2, 8, 9, 9, requires_grad=True)
     x64 = x.detach().double().requires_grad_()
     y, y64 = conv(x), ref(x64)
@@ -172,6 +174,74 @@ def test_state_dict_round_trip_keeps_amax_history(tmp_path):
         assert hist[:3].gt(0).all() and hist[3:].eq(0).all()
     x = torch.randn(8, 64)
     assert torch.equal(fresh(x), layer(x))
+
+
+def _stock_and_converted(recipe):
+    torch.manual_seed(0)
+    stock = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Conv2d(1, 4, 3), nn.Linear(32, 16))
+    converted = copy.deepcopy(stock)
+    tf8.convert(converted, recipe, keep=lambda name, module: False)
+    return stock, converted
+
+
+def _train(model, steps=3):
+    lin = nn.Sequential(model[0], model[1], model[3])
+    for step in range(steps):
+        lin(torch.randn(8, 64, generator=torch.Generator().manual_seed(step))).sum().backward()
+        model[2](torch.randn(1, 1, 6, 6)).sum().backward()
+
+
+@pytest.mark.parametrize("recipe", ["hybrid_delayed", "mellempudi2019"])
+def test_state_dict_is_tensors_and_loads_strictly_from_stock(recipe):
+    """Every state_dict value is a tensor, the keys do not change with training, and a stock
+    checkpoint of the same model loads strictly (the fp8 state is optional on load)."""
+    stock, converted = _stock_and_converted(recipe)
+    keys_before = set(converted.state_dict())
+    _train(converted)
+    state = converted.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert set(state) == keys_before
+    assert set(state) - set(stock.state_dict()) == {k for k in state if ".fp8_state." in k}
+    fresh = _stock_and_converted(recipe)[1]
+    calls = fresh[0].fp8_state.calls
+    fresh.load_state_dict(stock.state_dict(), strict=True)
+    assert fresh[0].fp8_state.calls == calls  # the fresh fp8 state is kept
+    for name, value in stock.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value)
+    with pytest.raises(RuntimeError, match="fp8_state"):  # stock modules have no such keys
+        stock.load_state_dict(state, strict=True)
+    stock.load_state_dict({k: v for k, v in state.items() if ".fp8_state." not in k}, strict=True)
+
+
+def test_safetensors_round_trip_resumes_bit_identically(tmp_path):
+    import safetensors.torch as safetensors_torch
+    _, converted = _stock_and_converted("hybrid_delayed")
+    _train(converted)
+    path = str(tmp_path / "model.safetensors")
+    safetensors_torch.save_file(converted.state_dict(), path)
+    fresh = _stock_and_converted("hybrid_delayed")[1]
+    fresh.load_state_dict(safetensors_torch.load_file(path), strict=True)
+    assert fresh[0].fp8_state.calls == 3
+    for a, b in zip((converted[0], converted[3]), (fresh[0], fresh[3])):
+        for role, hist in a.fp8_state.amax_history.items():
+            assert torch.equal(b.fp8_state.amax_history[role], hist) and hist[0] > 0
+    x = torch.randn(4, 64)
+    lin = lambda m: m[3](m[1](m[0](x)))  # noqa: E731
+    assert torch.equal(lin(fresh), lin(converted))
+
+
+def test_nested_state_of_earlier_versions_still_loads():
+    layer = tf8.nn.Linear(64, 32, recipe="hybrid_delayed")
+    layer(torch.randn(8, 64)).sum().backward()
+    flat = layer.state_dict()
+    nested = {k: v for k, v in flat.items() if not k.startswith("fp8_state.")}
+    nested["fp8_state"] = {"seed_base": layer.fp8_state.seed_base, "calls": 1,
+                           "amax_history": {k: v.clone() for k, v in layer.fp8_state.amax_history.items()},
+                           "error_saturated": torch.zeros((), dtype=torch.int32)}
+    fresh = tf8.nn.Linear(64, 32, recipe="hybrid_delayed")
+    fresh.load_state_dict(nested)
+    assert fresh.fp8_state.calls == 1 and fresh.fp8_state.seed_base == layer.fp8_state.seed_base
+    assert torch.equal(fresh.fp8_state.amax_history["activation"], layer.fp8_state.amax_history["activation"])
 
 
 def test_clear_errors():

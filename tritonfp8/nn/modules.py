@@ -1,8 +1,10 @@
 """FP8 modules: drop-in nn.Linear / nn.Conv2d whose products run in fp8.
 
 They keep the same parameters (and state_dict keys) as the torch modules they
-replace, plus the recipe's per-layer state (delayed-scaling amax histories and
-the seed counter) under ``fp8_state`` in ``state_dict``.
+replace, plus the recipe's per-layer state (delayed-scaling amax histories, the
+seed base and call counter, the error saturation count) as tensors under
+``fp8_state.*`` in ``state_dict``. Those keys are optional on load: a stock
+checkpoint of the same model loads strictly, and the layers keep a fresh state.
 """
 from __future__ import annotations
 
@@ -23,15 +25,24 @@ class _FP8StateMixin:
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "fp8_state"] = self.fp8_state.state_dict()
+        for name, value in self.fp8_state.state_dict().items():
+            destination[prefix + _STATE + name] = value
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        key = prefix + "fp8_state"
-        if key in state_dict:
-            self.fp8_state.load_state_dict(state_dict.pop(key))
-        elif strict:
-            missing_keys.append(key)
+        # The fp8 state is optional on load: a stock checkpoint (no such keys) loads strictly
+        # and the layer keeps its fresh state.
+        ours = {k[len(prefix + _STATE):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + _STATE)}
+        if prefix + "fp8_state" in state_dict:  # the nested form of earlier versions
+            ours = state_dict.pop(prefix + "fp8_state")
+        if ours:
+            try:
+                self.fp8_state.load_state_dict(ours)
+            except (KeyError, RuntimeError, ValueError) as error:
+                error_msgs.append(f"{prefix}{_STATE}*: {error}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+_STATE = "fp8_state."
 
 
 class Linear(_FP8StateMixin, nn.Linear):

@@ -29,7 +29,11 @@ class LayerState:
         self.recipe = recipe
         self.seed_base = int(torch.randint(0, 2**31, ()).item()) if seed_base is None else int(seed_base)
         self.calls = 0
-        self.amax_history: dict[str, torch.Tensor] = {}
+        # Every delayed role's history exists from the start, so state_dict() has the same
+        # keys before and after training (what strict loading and save_pretrained compare).
+        self.amax_history: dict[str, torch.Tensor] = {
+            role: torch.zeros(recipe.amax_history_len, dtype=torch.float32, device=device)
+            for role in ROLES if getattr(recipe, role) is not None and getattr(recipe, role).scale_source == "delayed"}
         self.error_saturated = torch.zeros((), dtype=torch.int32, device=device)
 
     def seed(self, role: str) -> int:
@@ -37,9 +41,11 @@ class LayerState:
 
     def _history(self, role: str, device) -> torch.Tensor:
         h = self.amax_history.get(role)
-        if h is None or h.device != torch.device(device):
+        if h is None:
             h = torch.zeros(self.recipe.amax_history_len, dtype=torch.float32, device=device)
             self.amax_history[role] = h
+        elif h.device != torch.device(device):  # the layer moved: its history moves with it
+            h = self.amax_history[role] = h.to(device)
         return h
 
     def quantize(self, x: torch.Tensor, role: str, tensor_recipe: TensorRecipe, transpose: bool,
@@ -71,13 +77,31 @@ class LayerState:
             history.copy_(torch.cat([q.amax.reshape(1), history[:-1]]))
         return q
 
-    def state_dict(self) -> dict:
-        return {"seed_base": self.seed_base, "calls": self.calls,
-                "amax_history": {k: v.clone() for k, v in self.amax_history.items()},
-                "error_saturated": self.error_saturated.clone()}
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor (no nesting, no Python numbers: what safetensors stores):
+        ``seed_base`` and ``calls`` int64 [], ``error_saturated`` int32 [],
+        ``amax_history.<role>`` fp32 [amax_history_len] per delayed role."""
+        state = {"seed_base": torch.tensor(self.seed_base, dtype=torch.int64),
+                 "calls": torch.tensor(self.calls, dtype=torch.int64),
+                 "error_saturated": self.error_saturated.clone()}
+        state.update({f"{_HISTORY}{role}": h.clone() for role, h in self.amax_history.items()})
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (the nested form of earlier versions loads too)."""
+        missing = [k for k in ("seed_base", "calls", "error_saturated") if k not in state]
+        if missing:
+            raise KeyError(f"fp8 layer state lacks {missing}; pass a dict from LayerState.state_dict()")
         self.seed_base = int(state["seed_base"])
         self.calls = int(state["calls"])
-        self.amax_history = {k: v.clone() for k, v in state["amax_history"].items()}
-        self.error_saturated = state["error_saturated"].clone()
+        self.error_saturated = state["error_saturated"].clone().to(self.error_saturated.device)
+        if isinstance(state.get("amax_history"), dict):  # nested form
+            histories = state["amax_history"]
+        else:
+            histories = {k[len(_HISTORY):]: v for k, v in state.items() if k.startswith(_HISTORY)}
+        for role, h in histories.items():
+            device = self.amax_history[role].device if role in self.amax_history else h.device
+            self.amax_history[role] = h.clone().to(device)
+
+
+_HISTORY = "amax_history."
