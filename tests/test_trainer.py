@@ -266,3 +266,61 @@ def test_trainer_argument_errors():
         Trainer(model, opt, max_grad_norm=0.0)
     with pytest.raises(ValueError, match="unknown recipe"):
         Trainer(model, opt, recipe="no-such-recipe")
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints: a resume is bit-identical
+# ----------------------------------------------------------------------------
+
+
+def _resumable(recipe: str, seed: int, through: str = "autocast"):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16))
+    if through == "convert":  # the fp8 state then lives in the modules' state_dict
+        tf8.convert(model, recipe)
+    # fp16 master weights with stochastic updates for the layers that may run in fp8; the last
+    # linear (which mellempudi2019 keeps in high precision, where fp32 inputs meet it) stays fp32.
+    groups = [{"params": [p for m in model[:-1] for p in m.parameters()], "master_dtype": torch.float16},
+              {"params": list(model[-1].parameters()), "master_dtype": torch.float32}]
+    opt = tf8_optim.SGD(groups, lr=0.05, momentum=0.9, rounding="stochastic", seed=seed)
+    return Trainer(model, opt, recipe=recipe if through == "autocast" else None, scaler=LossScaler("enhanced"))
+
+
+def _batch(step: int):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(24, 32, generator=g), torch.randint(0, 16, (24,), generator=g)
+
+
+@pytest.mark.parametrize("through", ["autocast", "convert"])
+@pytest.mark.parametrize("recipe", sorted(tf8.recipe.RECIPES))
+def test_resume_through_trainer_state_dict_is_bit_identical(recipe, through, tmp_path):
+    """Train 3 steps, save (torch.save with weights_only=True: plain tensors and numbers), go on
+    3 more; a Trainer built with other seeds that loads the checkpoint ends with the same bits,
+    with the model under the Trainer's fp8_autocast or converted by tf8.convert."""
+    trainer = _resumable(recipe, seed=1, through=through)
+    for step in range(3):
+        trainer.step(_batch(step))
+    path = tmp_path / "trainer.pt"
+    torch.save(trainer.state_dict(), path)
+    if any(t.scale_source == "delayed" for t in (tf8.get_recipe(recipe).activation, tf8.get_recipe(recipe).weight)):
+        saved = trainer.state_dict()["fp8" if through == "autocast" else "model"]
+        assert any(k.endswith("amax_history.weight") for k in saved)
+    for step in range(3, 6):
+        trainer.step(_batch(step))
+    resumed = _resumable(recipe, seed=2, through=through)
+    resumed.load_state_dict(torch.load(path, weights_only=True))
+    for step in range(3, 6):
+        resumed.step(_batch(step))
+    assert resumed.steps == trainer.steps == 6
+    a, b = _snapshot(trainer.model, trainer.optimizer), _snapshot(resumed.model, resumed.optimizer)
+    assert all(torch.equal(x, y) for x, y in zip(a[0], b[0])), "parameters differ after the resume"
+    assert trainer.scaler.get_scale() == resumed.scaler.get_scale()
+
+
+def test_trainer_load_state_dict_refuses_a_different_setup():
+    state = _resumable("hybrid", seed=1).state_dict()
+    with pytest.raises(KeyError, match="lacks"):
+        _resumable("hybrid", seed=1).load_state_dict({"model": state["model"]})
+    no_scaler = Trainer(nn.Linear(32, 16), torch.optim.SGD(nn.Linear(32, 16).parameters(), lr=0.1), recipe="hybrid")
+    with pytest.raises(ValueError, match="same scaler setting"):
+        no_scaler.load_state_dict(state)

@@ -276,6 +276,38 @@ class fp8_autocast(contextlib.ContextDecorator):
                 self._keep.add(id(module.weight))
         return self
 
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The fp8 state of ``model``'s layers under this region's recipe (seeds, call
+        counters, delayed-scaling amax histories), as ``{"<parameter name>.<key>": tensor}``
+        for every weight the region has used. Save it beside ``model.state_dict()``: with
+        both, a resumed run is bit-identical (stochastic and delayed recipes included)."""
+        state = {}
+        for name, p in model.named_parameters():
+            layer = _STATES.get(p, {}).get(self.recipe.name)
+            if layer is not None:
+                state.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict, model: nn.Module) -> None:
+        """Restore a :meth:`state_dict` onto ``model``'s weights (same parameter names)."""
+        params = dict(model.named_parameters())
+        per_param: dict[str, dict] = {}
+        for key, value in state.items():
+            name = next((n for n in _prefixes(key) if n in params), None)
+            if name is None:
+                raise KeyError(f"fp8 state key {key!r} names no parameter of the model; "
+                               "load the state of the same model (same parameter names)")
+            per_param.setdefault(name, {})[key[len(name) + 1:]] = value
+        for name, layer_state in per_param.items():
+            p = params[name]
+            per_recipe = _STATES.get(p)
+            if per_recipe is None:
+                per_recipe = _STATES[p] = {}
+            layer = per_recipe.get(self.recipe.name)
+            if layer is None:
+                layer = per_recipe[self.recipe.name] = LayerState(self.recipe, p.device)
+            layer.load_state_dict(layer_state)
+
     def summary(self) -> dict[str, LayerRecord]:
         return dict(self._summary)
 
@@ -290,6 +322,12 @@ class fp8_autocast(contextlib.ContextDecorator):
             reasons = "; ".join(f"{k} (x{v})" for k, v in r.reasons.items())
             lines.append(f"{name:<40} {r.op:<22} {r.fp8_calls:>5} {r.high_precision_calls:>5}  {reasons}")
         return "\n".join(lines)
+
+
+def _prefixes(key: str):
+    """"a.b.c" -> "a.b", "a" (the candidate parameter names of a state key, longest first)."""
+    parts = key.split(".")
+    return (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
 
 
 def kept_modules(model: nn.Module, recipe: Recipe) -> list[nn.Module]:

@@ -264,6 +264,39 @@ class Trainer:
         self.steps += 1
         return report
 
+    # -- checkpoints -----------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything a bit-identical resume needs: ``model``, ``optimizer``, ``scaler`` (or
+        None), ``fp8`` (the autocast region's per-layer state: seeds, call counters, amax
+        histories; {} without a recipe) and ``steps``. Every leaf is a tensor or a number."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "fp8": self.autocast.state_dict(self.model) if self.autocast is not None else {},
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` into a Trainer built the same way (model, optimizer, recipe, scaler)."""
+        missing = {"model", "optimizer", "scaler", "fp8", "steps"} - set(state)
+        if missing:
+            raise KeyError(f"trainer state lacks {sorted(missing)}; pass a dict from Trainer.state_dict()")
+        if (state["scaler"] is None) != (self.scaler is None):
+            raise ValueError("the saved trainer " + ("had no" if state["scaler"] is None else "had a")
+                             + " LossScaler and this one " + ("has one" if self.scaler is not None else "has none")
+                             + "; build the Trainer with the same scaler setting")
+        if state["fp8"] and self.autocast is None:
+            raise ValueError("the saved trainer ran an fp8 recipe and this one has none; pass the same recipe")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.autocast is not None:
+            self.autocast.load_state_dict(state["fp8"], self.model)
+        self.steps = int(state["steps"])
+
     # -- introspection ---------------------------------------------------------------
 
     def precision_summary(self) -> dict[str, dict]:
