@@ -1,5 +1,7 @@
 """The CPU path side by side, in one run: training step time, cast throughput, memory kept for backward.
 
+Also the GEMM of a CPU product on its route beside plain fp32 ``a @ b``.
+
 Arms (same model, data and optimizer settings; rounds interleaved so machine noise hits every arm):
 fp32 eager, bf16 ``torch.autocast``, tritonfp8 per recipe under ``fp8_autocast`` (reference
 backend: the Inductor-compiled reference on CPU tensors), and torchao.float8 with
@@ -12,8 +14,9 @@ Writes ``<out>.md`` and ``<out>.json`` (machine, versions, commit). Ratios are t
 in the same run; on these 2-core machines absolute times move by 10-30% between runs.
 
 glibc returns every freed buffer over 32 MB to the OS, so each such temporary costs page
-faults on its next use (fresh 32 MB: about 10 ms here). The fp8 path makes more temporaries
-than fp32, so its ratio depends on this. Run once as is and once with
+faults on its next use (fresh 32 MB: about 10 ms here). The products decode their operands
+into reused buffers for that reason; the remaining temporaries still make the ratios move a
+little with the allocator. Run once as is and once with
 ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296`` (heap reuse, what
 jemalloc / tcmalloc give); the results record which.
 """
@@ -33,6 +36,7 @@ from _timing import bench, machine_info, write_results  # noqa: E402
 
 import tritonfp8 as tf8  # noqa: E402
 from tritonfp8 import backend  # noqa: E402
+from tritonfp8.ops.matmul import _exact_gemm  # noqa: E402
 
 RECIPES = ["hybrid", "hybrid_delayed", "rowwise", "blockwise", "mxfp8", "mellempudi2019"]
 MLP = (2048, 1024, 4096)  # batch, in/out features, hidden
@@ -136,6 +140,24 @@ def measure_casts(shape) -> list[dict]:
     return rows
 
 
+def measure_gemms(shape, rounds: int) -> list[dict]:
+    """The GEMM of a CPU product (decoded fp8 values, exact in bf16) on the route the reference
+    takes (``_exact_gemm``) beside the plain fp32 ``a @ b`` (MKL), at the MLP's forward shape
+    (b as the transposed view of a weight, as in a linear layer); interleaved, median of rounds."""
+    batch, features, hidden = shape
+    a = torch.randn(batch, features).to(torch.float8_e4m3fn).float()
+    b = torch.randn(hidden, features).to(torch.float8_e4m3fn).float().t()
+    routes = {"fp32 a @ b (MKL)": lambda: a @ b, "tritonfp8 product route": lambda: _exact_gemm(a, b, True)}
+    times = {name: [] for name in routes}
+    for _ in range(rounds):
+        for name, fn in routes.items():
+            times[name].append(bench(fn, warmup=1, reps=3))
+    base = statistics.median(times["fp32 a @ b (MKL)"])
+    return [{"benchmark": "GEMM", "case": name, "ms": statistics.median(t), "vs fp32": statistics.median(t) / base,
+             "detail": f"[{batch}x{features}] @ [{features}x{hidden}] fp32, median of {rounds}"}
+            for name, t in times.items()]
+
+
 def saved_bytes(model: nn.Module, x: torch.Tensor, region=None) -> int:
     """Bytes that autograd keeps for backward: unique storages of saved tensors, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -187,7 +209,7 @@ def main() -> None:
     args = parser.parse_args()
     mlp = (256, 256, 512) if args.quick else MLP
     cast = (512, 512) if args.quick else CAST_SHAPE
-    rows = measure_steps(mlp, args.rounds) + measure_casts(cast) + measure_memory()
+    rows = measure_steps(mlp, args.rounds) + measure_gemms(mlp, args.rounds) + measure_casts(cast) + measure_memory()
     info = machine_info()
     info["compiled_reference"] = backend.compile_enabled()
     info["torchao"] = _torchao_version()

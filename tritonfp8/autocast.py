@@ -71,13 +71,18 @@ class _Region:
             row.reasons[reason] += 1
 
     def state_for(self, weight: torch.Tensor) -> LayerState:
-        per_recipe = _STATES.get(weight)
-        if per_recipe is None:
-            per_recipe = _STATES[weight] = {}
-        state = per_recipe.get(self.recipe.name)
-        if state is None:
-            state = per_recipe[self.recipe.name] = LayerState(self.recipe, weight.device)
-        return state
+        return _layer_state(weight, self.recipe)
+
+
+def _layer_state(weight: torch.Tensor, recipe: Recipe) -> LayerState:
+    """The fp8 state of ``weight``'s layer under ``recipe`` (made on first use)."""
+    per_recipe = _STATES.get(weight)
+    if per_recipe is None:
+        per_recipe = _STATES[weight] = {}
+    state = per_recipe.get(recipe.name)
+    if state is None:
+        state = per_recipe[recipe.name] = LayerState(recipe, weight.device)
+    return state
 
 
 def _arg(args, kwargs, index, name, default=None):
@@ -299,14 +304,7 @@ class fp8_autocast(contextlib.ContextDecorator):
                                "load the state of the same model (same parameter names)")
             per_param.setdefault(name, {})[key[len(name) + 1:]] = value
         for name, layer_state in per_param.items():
-            p = params[name]
-            per_recipe = _STATES.get(p)
-            if per_recipe is None:
-                per_recipe = _STATES[p] = {}
-            layer = per_recipe.get(self.recipe.name)
-            if layer is None:
-                layer = per_recipe[self.recipe.name] = LayerState(self.recipe, p.device)
-            layer.load_state_dict(layer_state)
+            _layer_state(params[name], self.recipe).load_state_dict(layer_state)
 
     def summary(self) -> dict[str, LayerRecord]:
         return dict(self._summary)

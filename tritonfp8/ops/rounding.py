@@ -204,8 +204,13 @@ def codes_to_tensor(code: torch.Tensor, fmt: Format) -> torch.Tensor:
     return pair.view(fmt.torch_dtype).squeeze(-1)
 
 
-def _code_values(c: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """int32 codes of ``fmt`` (sign bit included) -> their exact fp32 values (NaN as +-0x7FC00000)."""
+def decode_codes_reference(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """8-bit codes (uint8, or an fp8 tensor's bits) -> their exact fp32 values, same shape.
+
+    Built on the bit pattern (exponent re-biased, mantissa shifted; subnormals as m * 2**(emin - man_bits),
+    exact), so a compiled caller gets vectorized integer code instead of a per-element fp8 conversion.
+    """
+    c = codes.view(torch.uint8).to(torch.int32)
     exp_field = (c >> fmt.man_bits) & ((1 << fmt.exp_bits) - 1)
     man = c & ((1 << fmt.man_bits) - 1)
     normal = ((exp_field + (127 - fmt.bias)) << 23) | (man << (23 - fmt.man_bits))
@@ -214,20 +219,11 @@ def _code_values(c: torch.Tensor, fmt: Format) -> torch.Tensor:
     magnitude = c & (fmt.sign_bit - 1)
     inf = torch.full_like(bits, 0x7F800000)
     nan = torch.full_like(bits, 0x7FC00000)
-    if fmt.inf_code != fmt.nan_code:  # IEEE-like (E5M2, fp16): all-ones exponent is Inf (mantissa 0) or NaN
+    if fmt.inf_code != fmt.nan_code:  # E5M2: all-ones exponent is Inf (mantissa 0) or NaN
         bits = torch.where(magnitude >= fmt.inf_code, torch.where(magnitude == fmt.inf_code, inf, nan), bits)
     else:  # E4M3: only S.1111.111 is NaN
         bits = torch.where(magnitude == fmt.nan_code, nan, bits)
     return (bits | ((c & fmt.sign_bit) << (31 - fmt.exp_bits - fmt.man_bits))).view(torch.float32)
-
-
-def decode_codes_reference(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """8-bit codes (uint8, or an fp8 tensor's bits) -> their exact fp32 values, same shape.
-
-    Built on the bit pattern (exponent re-biased, mantissa shifted; subnormals as m * 2**(emin - man_bits),
-    exact), so a compiled caller gets vectorized integer code instead of a per-element fp8 conversion.
-    """
-    return _code_values(codes.view(torch.uint8).to(torch.int32), fmt)
 
 
 # The decode as the CPU path runs it: one compiled loop on large tensors.
