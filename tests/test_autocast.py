@@ -77,7 +77,7 @@ def test_nesting_disabled_regions_and_exceptions_restore_everything():
     with tf8.fp8_autocast("hybrid") as outer:
         with tf8.fp8_autocast(enabled=False):
             assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-        with tf8.fp8_autocast("mellempudi2019") as inner:
+        with tf8.fp8_autocast("hybrid_delayed") as inner:
             layer(x)
         layer(x)
     assert _fp8_calls(outer) == 1 and _fp8_calls(inner) == 1
@@ -121,6 +121,47 @@ def test_mellempudi_keeps_first_conv_and_last_linear():
     assert s["conv1.weight"].reasons == {"kept in high precision by the recipe": 1}
     assert s["fc.weight"].reasons == {"kept in high precision by the recipe": 1}
     assert s["layer1.0.conv1.weight"].fp8_calls == 1
+
+
+def test_with_form_names_layers_and_applies_keep_rules():
+    """The README's form: a plain `with` region learns the model called in it (no watch())."""
+    from torch.nn.modules import module as module_hooks
+
+    hooks_before = (len(module_hooks._global_forward_pre_hooks), len(module_hooks._global_forward_hooks))
+    model = ResNet18(num_classes=16, width=16)
+    with tf8.fp8_autocast("mellempudi2019") as ac:
+        model(torch.randn(2, 3, 16, 16)).sum().backward()
+    s = ac.summary()
+    assert s["conv1.weight"].reasons == {"kept in high precision by the recipe": 1}
+    assert s["fc.weight"].reasons == {"kept in high precision by the recipe": 1}
+    assert s["layer1.0.conv1.weight"].fp8_calls == 1 and s["layer4.1.conv2.weight"].fp8_calls == 1
+    assert (len(module_hooks._global_forward_pre_hooks), len(module_hooks._global_forward_hooks)) == hooks_before
+    # a forward that raises does not leave the next region thinking it is inside a module
+    broken = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    with pytest.raises(ValueError, match="does not match weight"):
+        with tf8.fp8_autocast("mellempudi2019"):
+            broken(torch.randn(2, 31))
+    with tf8.fp8_autocast("mellempudi2019") as again:
+        broken(torch.randn(2, 32))
+    assert again.summary()["0.weight"].fp8_calls == 1 and again.summary()["1.weight"].high_precision_calls == 1
+
+
+def test_kept_layer_with_16_bit_master_weights_computes_in_the_input_dtype():
+    """mellempudi2019 keeps the last linear; with tf8.optim's fp16 master weights it still runs
+    (weight cast to the fp32 input, as torch.autocast would) and its gradient reaches the fp16 weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    tf8.optim.SGD(model.parameters(), lr=0.1, master_dtype=torch.float16)
+    seen = []
+    model[2].register_forward_hook(lambda module, args, out: seen.append(args[0].detach()))
+    with tf8.fp8_autocast("mellempudi2019") as ac:
+        y = model(torch.randn(4, 32))
+    y.sum().backward()
+    h, last = seen[0], model[2]
+    assert ac.summary()["2.weight"].high_precision_calls == 1 and ac.summary()["0.weight"].fp8_calls == 1
+    assert y.dtype == torch.float32 and torch.equal(y, F.linear(h, last.weight.float(), last.bias.float()))
+    assert last.weight.grad.dtype == torch.float16
+    assert torch.equal(last.weight.grad, (torch.ones(4, 16).t() @ h).half())
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "transformer", "gpt"])

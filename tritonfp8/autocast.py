@@ -17,6 +17,7 @@ import contextlib
 import functools
 import inspect
 import threading
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -58,8 +59,9 @@ class LayerRecord:
 class _Region:
     """The settings of one fp8_autocast region (an entry on the thread's stack)."""
 
-    def __init__(self, recipe: Recipe, enabled: bool, summary: dict, names: dict, keep: set):
+    def __init__(self, recipe: Recipe, enabled: bool, summary: dict, names: dict, keep: set, learn: Callable):
         self.recipe, self.enabled, self.summary, self.names, self.keep = recipe, enabled, summary, names, keep
+        self.learn = learn  # learn(module): name its layers and apply the recipe's keep rules
 
     def record(self, op: str, weight: Optional[torch.Tensor], shape: str, fp8: bool, reason: str = "") -> None:
         name = self.names.get(id(weight), f"{op}{shape}") if weight is not None else f"{op}{shape}"
@@ -104,13 +106,28 @@ def _ineligible(region: _Region, x, weight, k: int, n: int) -> str:
     return "" if ok else reason
 
 
+def _high_precision(func, args, kwargs, x, weight, bias):
+    """The stock product, in the activation's dtype: a layer kept in high precision may hold
+    16-bit master weights (tf8.optim) while its input is fp32; the weight (and bias) are cast
+    for the call, as torch.autocast does, and their gradients flow back in their own dtype."""
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and weight.is_floating_point()
+            and weight.dtype != x.dtype):
+        return func(*args, **kwargs)
+    cast = {id(weight): weight.to(x.dtype)}
+    if isinstance(bias, torch.Tensor):
+        cast[id(bias)] = bias.to(x.dtype)
+    args = tuple(cast.get(id(a), a) for a in args)
+    kwargs = {k: cast.get(id(v), v) for k, v in kwargs.items()}
+    return func(*args, **kwargs)
+
+
 def _linear(region: _Region, func, args, kwargs):
     x, weight, bias = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     n, k = weight.shape if weight.dim() == 2 else (0, 0)
     why = _ineligible(region, x, weight, k, n)
     region.record("linear", weight, f"[{n}x{k}]", not why, why)
     if why:
-        return func(*args, **kwargs)
+        return _high_precision(func, args, kwargs, x, weight, bias)
     return F8.linear(x, weight, bias, region.recipe, region.state_for(weight))
 
 
@@ -125,7 +142,7 @@ def _conv2d(region: _Region, func, args, kwargs):
     why = _ineligible(region, x, weight, F8.padded_k(k), o // groups) if x.dim() == 4 else "input is not [B, C, H, W]"
     region.record("conv2d", weight, f"[{o}x{cg}x{kh}x{kw}]", not why, why)
     if why:
-        return func(*args, **kwargs)
+        return _high_precision(func, args, kwargs, x, weight, bias)
     return F8.conv2d(x, weight, bias, stride, padding, dilation, groups, region.recipe, region.state_for(weight))
 
 
@@ -179,6 +196,44 @@ _HANDLERS: dict[Callable, Callable] = {
 }
 
 
+# While any thread is inside a region, global module hooks let the innermost region learn each
+# module called at the top level (not from inside another module's forward): its layer names
+# and the recipe's keep rules, as the decorator does for the module it wraps.
+_hook_lock = threading.Lock()
+_hook_users = 0
+_hook_handles: list = []
+
+
+def _top_level_pre_hook(module, args):
+    stack = _stack()
+    if not stack:
+        return
+    depth = getattr(_local, "module_depth", 0)
+    if depth == 0:
+        stack[-1].learn(module)
+    _local.module_depth = depth + 1
+
+
+def _top_level_post_hook(module, args, output):
+    if _stack() and getattr(_local, "module_depth", 0) > 0:
+        _local.module_depth -= 1
+
+
+def _use_module_hooks(on: bool) -> None:
+    global _hook_users
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    with _hook_lock:
+        _hook_users += 1 if on else -1
+        if on and _hook_users == 1:
+            _hook_handles[:] = [register_module_forward_pre_hook(_top_level_pre_hook),
+                                register_module_forward_hook(_top_level_post_hook, always_call=True)]
+        elif not on and _hook_users == 0:
+            for handle in _hook_handles:
+                handle.remove()
+            _hook_handles.clear()
+
+
 class _FP8FunctionMode(TorchFunctionMode):
     """Routes the products of the innermost enabled region to the fp8 ops."""
 
@@ -213,12 +268,13 @@ class fp8_autocast(contextlib.ContextDecorator):
         self._summary: dict[str, LayerRecord] = {}
         self._names: dict[int, str] = {}
         self._keep: set[int] = set()
+        self._watched: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
         self._entered: list = []
 
     # -- context manager ----------------------------------------------------
     def __enter__(self):
         stack = _stack()
-        stack.append(_Region(self.recipe, self.enabled, self._summary, self._names, self._keep))
+        stack.append(_Region(self.recipe, self.enabled, self._summary, self._names, self._keep, self._learn))
         mode = None
         if len(stack) == 1:
             mode = _FP8FunctionMode()
@@ -227,6 +283,8 @@ class fp8_autocast(contextlib.ContextDecorator):
             except BaseException:
                 stack.pop()
                 raise
+            _local.module_depth = 0
+            _use_module_hooks(True)
         self._entered.append(mode)
         return self
 
@@ -234,6 +292,7 @@ class fp8_autocast(contextlib.ContextDecorator):
         mode = self._entered.pop()
         try:
             if mode is not None:
+                _use_module_hooks(False)
                 mode.__exit__(*exc)
         finally:
             _stack().pop()
@@ -247,7 +306,7 @@ class fp8_autocast(contextlib.ContextDecorator):
 
             @functools.wraps(original)
             def forward(module, *args, **kwargs):
-                ctx.watch(module)
+                ctx._learn(module)
                 with ctx:
                     return original(module, *args, **kwargs)
 
@@ -272,7 +331,13 @@ class fp8_autocast(contextlib.ContextDecorator):
         )
 
     def watch(self, model: nn.Module) -> "fp8_autocast":
-        """Name the layers of ``model`` in the summary and apply the recipe's keep rules to them."""
+        """Name the layers of ``model`` in the summary and apply the recipe's keep rules to them.
+
+        Regions do this by themselves for every module called at the top level inside them
+        (and the decorator for the module it wraps), so a call is needed only for a model
+        whose pieces are called one by one (then each piece counts as a model: its own first
+        conv and last linear would be kept) or to name layers before the first call."""
+        self._watched.add(model)
         for name, module in model.named_modules():
             for pname, p in module.named_parameters(recurse=False):
                 self._names.setdefault(id(p), f"{name}.{pname}" if name else pname)
@@ -305,6 +370,17 @@ class fp8_autocast(contextlib.ContextDecorator):
             per_param.setdefault(name, {})[key[len(name) + 1:]] = value
         for name, layer_state in per_param.items():
             _layer_state(params[name], self.recipe).load_state_dict(layer_state)
+
+    def _learn(self, module: nn.Module) -> None:
+        """watch() a module called at the top level of a region, unless it is known already
+        (or is a piece of a model known already, as inside a decorated module's forward)."""
+        if module in self._watched:
+            return
+        params = list(module.parameters())
+        if params and all(id(p) in self._names for p in params):
+            self._watched.add(module)
+            return
+        self.watch(module)
 
     def summary(self) -> dict[str, LayerRecord]:
         return dict(self._summary)
