@@ -641,7 +641,7 @@ def _exact_gemm(a_values: torch.Tensor, b_values: torch.Tensor, bf16_exact: bool
     product runs under PyTorch's bf16 fp32-matmul mode, which routes it to oneDNN: on CPUs
     with bf16 matrix units (AMX) that converts the operands losslessly and accumulates in
     fp32; on the AVX512-BF16 CI machines (AMD Zen 4) oneDNN keeps fp32 math there, and its
-    fp32 GEMM takes 0.85x the time of MKL's (perf/bench_cpu.py, "GEMM" rows). A block / MX
+    fp32 GEMM takes 0.72-0.85x the time of MKL's (perf/bench_cpu.py, "GEMM" rows). A block / MX
     scale folded into the operands is not exact in bf16, so those products take the plain
     fp32 GEMM. The mode is process-wide, so it is set for this call only (an fp32 matmul
     that another thread runs at that moment would see it too).
