@@ -51,13 +51,13 @@ def acc(n: int) -> float:
 ACC_TOL = 2.0**-7 if ON_GPU else 2.0**-14
 
 
-def _online_tolerance(q, k, v, causal, sm=None):
+def _online_tolerance(q, k, v, causal, sm=None, attn_mask=None):
     """Per output row: (number of P that are E4M3-subnormal at the final row max) * 2**-16 * max|v|."""
     sm = 1 / math.sqrt(q.shape[-1]) if sm is None else sm
     with reference():
         q8, k8, v8, scales = attn.quantize_operands(q, k, v)
-    s2 = attn._scores_log2(q8, k8, scales, sm).double()
-    mask = _mask(q.shape[2], k.shape[2], causal)
+    s2 = attn._scores_log2(q8, k8, scales, sm).double() + _bias(attn_mask) * math.log2(math.e)
+    mask = _mask(q.shape[2], k.shape[2], causal, attn_mask)
     s2 = s2.masked_fill(~mask, -math.inf)
     p = torch.exp2(s2 - torch.floor(s2).amax(-1, keepdim=True))
     n_sub = (p * attn.P_SCALE_FWD < 2.0**-6).logical_and(mask).sum(-1, keepdim=True)
@@ -91,10 +91,11 @@ def _inputs(case, seed=0, dtype=torch.float32):
     return [t.to(dtype) for t in (q, k, v, do)]
 
 
-def _run(q, k, v, do, causal, scale=None, device="cpu"):
+def _run(q, k, v, do, causal, scale=None, device="cpu", **kwargs):
     """(o, dq, dk, dv) as fp32 CPU tensors, through tf8's public attention and autograd."""
     q, k, v = (t.detach().to(device).requires_grad_(True) for t in (q, k, v))
-    o = attn.attention(q, k, v, causal=causal, scale=scale)
+    kwargs = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in kwargs.items()}
+    o = attn.attention(q, k, v, causal=causal, scale=scale, **kwargs)
     dq, dk, dv = torch.autograd.grad(o, (q, k, v), do.to(device))
     return [t.detach().float().cpu() for t in (o, dq, dk, dv)]
 
@@ -131,13 +132,27 @@ def test_kernel_matches_reference(case):
 # ----------------------------------------------------------------------------
 
 
-def _mask(n_q, n_k, causal):
+def _mask(n_q, n_k, causal, attn_mask=None):
+    """Where scores count: the causal triangle and where an SDPA attn_mask attends (bool True,
+    float above -2**99: lower values, finfo.min included, weigh exp(-2**99) = 0 in fp64 as in the
+    kernels), broadcast with [B, H, N_q, N_k]."""
     m = torch.ones(n_q, n_k, dtype=torch.bool)
-    return m.tril() if causal else m
+    m = m.tril() if causal else m
+    if attn_mask is not None:
+        m = m & (attn_mask if attn_mask.dtype == torch.bool else attn_mask > -2.0**99)
+    return m
+
+
+def _bias(attn_mask):
+    """The float mask's additive scores (fp64, 0 where masked or for a bool mask)."""
+    if attn_mask is None or attn_mask.dtype == torch.bool:
+        return 0.0
+    return attn_mask.double().masked_fill(attn_mask <= -2.0**99, 0.0)
 
 
 def _softmax(s, mask):
-    return torch.softmax(s.masked_fill(~mask, -math.inf), dim=-1)
+    """Softmax over the valid keys; a row with none gives 0 (as torch's SDPA)."""
+    return torch.softmax(s.masked_fill(~mask, -math.inf), dim=-1).nan_to_num(0.0)
 
 
 def _dequantized(q, k, v, do):
@@ -150,10 +165,10 @@ def _dequantized(q, k, v, do):
     return q8.double() * s[0], k8.double() * s[1], v8.double() * s[2], do8.double() * do_scale.double().reshape(b, h, 1, 1)
 
 
-def _fp64_attention(q, k, v, do, causal, sm):
+def _fp64_attention(q, k, v, do, causal, sm, attn_mask=None):
     """Exact (fp64) forward and backward of softmax attention."""
-    mask = _mask(q.shape[2], k.shape[2], causal)
-    p = _softmax(sm * q @ k.transpose(-1, -2), mask)
+    mask = _mask(q.shape[2], k.shape[2], causal, attn_mask)
+    p = _softmax(sm * q @ k.transpose(-1, -2) + _bias(attn_mask), mask)
     o = p @ v
     dv = p.transpose(-1, -2) @ do
     dp = do @ v.transpose(-1, -2)
@@ -162,7 +177,7 @@ def _fp64_attention(q, k, v, do, causal, sm):
     return o, sm * ds @ k, sm * ds.transpose(-1, -2) @ q, dv, p, dp, delta, ds
 
 
-def error_bounds(q, k, v, do, o_fp8, causal, sm):
+def error_bounds(q, k, v, do, o_fp8, causal, sm, attn_mask=None):
     """Element-wise bounds on |fp8 result - fp64 attention of the original inputs| for
     (o, dq, dk, dv), a posteriori: from the actual quantization errors of q, k, v, dO (each
     within u |x| plus half a subnormal step) and the first-order-free triangle inequalities
@@ -170,15 +185,18 @@ def error_bounds(q, k, v, do, o_fp8, causal, sm):
     qh, kh, vh, doh = _dequantized(q, k, v, do)
     q, k, v, do = (t.double() for t in (q, k, v, do))
     n_q, n_k, d = q.shape[2], k.shape[2], q.shape[3]
-    mask = _mask(n_q, n_k, causal)
+    mask = _mask(n_q, n_k, causal, attn_mask)
     valid = mask.double()
-    o, dq, dk, dv, p, dp, delta, ds = _fp64_attention(q, k, v, do, causal, sm)
+    o, dq, dk, dv, p, dp, delta, ds = _fp64_attention(q, k, v, do, causal, sm, attn_mask)
     eq, ek, ev, edo = (qh - q).abs(), (kh - k).abs(), (vh - v).abs(), (doh - do).abs()
 
-    # Score perturbation: quantization (exact, fp64) + the fp32 q.k sum + the scale products.
+    # Score perturbation: quantization (exact, fp64) + the fp32 q.k sum + the scale products
+    # (+ a float mask: its log2 rounding and the fp32 addition, 2 U32 of each magnitude).
     s_hat = sm * qh @ kh.transpose(-1, -2)
     s_abs = sm * qh.abs() @ kh.abs().transpose(-1, -2)
-    dev = ((s_hat - sm * q @ k.transpose(-1, -2)).abs() + acc(d) * s_abs + 8 * U32 * s_hat.abs()) * valid
+    bias = _bias(attn_mask)
+    dev = ((s_hat - sm * q @ k.transpose(-1, -2)).abs() + acc(d) * s_abs + 8 * U32 * s_hat.abs()
+           + 4 * U32 * (abs(bias) + (s_hat + bias).abs())) * valid
     delta_s = dev.amax(-1, keepdim=True)
     rho = torch.expm1(2 * delta_s)  # |P_fp32 - P| <= rho P (before P is rounded to E4M3)
 
@@ -291,6 +309,124 @@ def test_bound_is_not_vacuous():
         err = (x.double() - want).abs()
         ratio = (err.max() / bound.max()).item()
         assert 0.02 < ratio <= 1, f"{name}: max error / max bound = {ratio:.3g}"
+
+
+# ----------------------------------------------------------------------------
+# attn_mask and grouped-query attention
+# ----------------------------------------------------------------------------
+
+
+def _attn_masks(b, h, n_q, n_k):
+    """SDPA masks of each kind: key padding (bool [B, 1, 1, N_k]), a random bool [N_q, N_k] with a
+    row masked everywhere, a float bias [B, H, N_q, N_k] with -inf entries, and a finfo.min
+    padding mask (Hugging Face's form) [B, 1, N_q, N_k]."""
+    g = torch.Generator().manual_seed(11)
+    padding = torch.ones(b, 1, 1, n_k, dtype=torch.bool)
+    padding[0, ..., n_k - 5:] = False
+    random = torch.rand(n_q, n_k, generator=g) < 0.7
+    random[3] = False
+    bias = torch.randn(b, h, n_q, n_k, generator=g) * 2
+    bias[torch.rand(b, h, n_q, n_k, generator=g) < 0.2] = -math.inf
+    bias[..., 0] = 0.0  # every row keeps a key
+    hf = torch.zeros(b, 1, n_q, n_k)
+    hf[-1, ..., :4] = torch.finfo(torch.float32).min
+    return {"key_padding": padding, "random_bool": random, "float_bias": bias, "finfo_min": hf}
+
+
+MASK_CASE = (2, 2, 45, 38, 64, False)  # crosses several tiles of each interpreted kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _mask_results(kind):
+    q, k, v, do = _inputs(MASK_CASE, seed=3)
+    mask = _attn_masks(*MASK_CASE[:4])[kind]
+    with kernels():
+        kern = _run(q, k, v, do, False, device=KERNEL_DEVICE, attn_mask=mask)
+    with reference():
+        ref = _run(q, k, v, do, False, attn_mask=mask)
+    return kern, ref
+
+
+@pytest.mark.parametrize("kind", ["key_padding", "random_bool", "float_bias", "finfo_min"])
+def test_masked_attention_kernel_matches_reference(kind):
+    q, k, v, _ = _inputs(MASK_CASE, seed=3)
+    mask = _attn_masks(*MASK_CASE[:4])[kind]
+    kern, ref = _mask_results(kind)
+    online = _online_tolerance(q, k, v, False, attn_mask=mask)
+    for name, a, b in zip(NAMES, kern, ref):
+        tol = ACC_TOL * b.abs().max() + (online if name == "o" else 0)
+        assert torch.all((a - b).abs() <= tol), f"{name}: kernel vs reference differ beyond the tolerance"
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+@pytest.mark.parametrize("kind", ["key_padding", "random_bool", "float_bias", "finfo_min"])
+def test_masked_attention_within_derived_bound(kind, impl):
+    """Forward and gradients vs fp64 attention with the same mask, within the derived bounds;
+    a row masked everywhere gives 0 (random_bool row 3) as torch's SDPA; the finfo.min mask
+    matches torch's own fp32 SDPA (which averages a fully masked row)."""
+    q, k, v, do = _inputs(MASK_CASE, seed=3)
+    mask = _attn_masks(*MASK_CASE[:4])[kind]
+    kern, ref = _mask_results(kind)
+    got = kern if impl == "kernel" else ref
+    sm = 1 / math.sqrt(q.shape[-1])
+    exact, bounds = error_bounds(q, k, v, do, got[0], False, sm, attn_mask=mask)
+    for name, x, want, bound in zip(NAMES, got, exact, bounds):
+        err = (x.double() - want).abs()
+        worst = (err / bound.clamp_min(1e-300)).max().item()  # a masked key's gradient: 0 within 0
+        assert torch.all(err <= bound), f"{name}: error exceeds the derived bound by a factor {worst:.3g}"
+    if kind == "random_bool":
+        assert torch.all(got[0][:, :, 3] == 0)
+    torch_o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (got[0] - torch_o).abs().max() <= 0.1 * torch_o.abs().max()
+
+
+def test_grouped_query_attention_within_derived_bound():
+    """H_q = 4 query heads on H_kv = 2 key/value heads (enable_gqa): the output within the bound of
+    the equivalent 4-head attention, and dk / dv within the sum of the bounds of the heads they serve."""
+    b, h, h_kv, n, d = 1, 4, 2, 40, 64
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(b, h, n, d, generator=g)
+    k, v = torch.randn(b, h_kv, n, d, generator=g), torch.randn(b, h_kv, n, d, generator=g)
+    do = torch.randn(b, h, n, d, generator=g) * 1e-3
+    with kernels():
+        got = _run(q, k, v, do, True, device=KERNEL_DEVICE, enable_gqa=True)
+    k4, v4 = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    exact, bounds = error_bounds(q, k4, v4, do, got[0], True, 1 / math.sqrt(d))
+    grouped = lambda t: t.reshape(b, h_kv, 2, n, d).sum(2)  # noqa: E731  (a k/v head's gradient sums its group)
+    for name, x, want, bound in zip(NAMES, got, exact, bounds):
+        if name in ("dk", "dv"):
+            want, bound = grouped(want), grouped(bound)
+        err = (x.double() - want).abs()
+        worst = (err / bound.clamp_min(1e-300)).max().item()  # a masked key's gradient: 0 within 0
+        assert torch.all(err <= bound), f"{name}: error exceeds the derived bound by a factor {worst:.3g}"
+    torch_o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert (got[0] - torch_o).abs().max() <= 0.1 * torch_o.abs().max()
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(attn_mask=torch.ones(8, 8, dtype=torch.bool), causal=True), ValueError, "either attn_mask or causal"),
+    (dict(attn_mask=torch.ones(8, 8, dtype=torch.int32)), TypeError, "bool .* or floating"),
+    (dict(attn_mask=torch.zeros(8, 8, requires_grad=True)), ValueError, "computes no gradient for the mask"),
+    (dict(attn_mask=torch.ones(3, 8, dtype=torch.bool)), ValueError, r"does not broadcast to \[B, H, N_q, N_k\]"),
+])
+def test_bad_masks_say_what_is_accepted(kwargs, exc, match):
+    q = torch.randn(1, 2, 8, 64)
+    with pytest.raises(exc, match=match):
+        attn.attention(q, q, q, **kwargs)
+
+
+def test_double_backward_is_refused():
+    q = torch.randn(1, 2, 8, 64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="second derivative through an fp8 attention"):
+        torch.autograd.grad(attn.attention(q, q, q).sum(), q, create_graph=True)
+
+
+def test_gqa_needs_a_multiple_of_the_kv_heads():
+    q, k = torch.randn(1, 3, 8, 64), torch.randn(1, 2, 8, 64)
+    with pytest.raises(ValueError, match="multiple of the key / value heads"):
+        attn.attention(q, k, k, enable_gqa=True)
+    with pytest.raises(ValueError, match="must agree in B, H and D"):
+        attn.attention(q, k, k)
 
 
 # ----------------------------------------------------------------------------
@@ -468,6 +604,8 @@ def test_aot_specs_cover_head_dims_masks_and_kernels():
         assert {(s.constexprs["HEAD_DIM"], s.constexprs["CAUSAL"]) for s in specs if s.name.startswith(f"attention_{kind}[")} \
             == {(64, False), (64, True), (128, False), (128, True)}
     assert any(s.name.startswith("attention_dq[") for s in specs)
+    assert {s.name.split("[")[0] for s in specs if s.constexprs.get("HAS_MASK")} == \
+        {"attention_fwd", "attention_dkdv", "attention_dq"}
     for s in specs:
         assert set(s.signature) == set(s.kernel.arg_names)
         assert s.fp8_mma == (not s.name.startswith("attention_preprocess"))

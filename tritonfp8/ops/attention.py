@@ -102,6 +102,7 @@ import triton
 import triton.language as tl
 
 from .. import backend as _backend
+from .._autograd import refuse_double_backward
 from ..formats import BF16, E4M3, E5M2
 from .quantize import quantize
 from .rounding import codes_to_tensor, round_to_code, round_to_code_reference
@@ -212,9 +213,10 @@ def _load(ptrs, row_ok, col_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr
 
 @triton.jit
 def _fwd_blocks(
-    acc, l_i, m_i, q, k_base, v_base, qk_scale, offs_m, offs_d, in_d, start, end, N_K,
-    stride_kn, stride_kd, stride_vn, stride_vd,
+    acc, l_i, m_i, q, k_base, v_base, mask_base, qk_scale, offs_m, offs_d, in_d, start, end, N_Q, N_K,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """Online softmax over the key blocks [start, end) for one query block."""
     offs_nb = tl.arange(0, BLOCK_N)
@@ -223,18 +225,23 @@ def _fwd_blocks(
         in_n = offs_n < N_K
         kt = _load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, in_d, in_n, PAD_D, MASK)
         s2 = tl.dot(q, kt, max_num_imprecise_acc=BLOCK_D) * qk_scale
-        fl = tl.floor(s2)
         if MASK:
             valid = in_n[None, :]
             if CAUSAL:
                 valid = valid & (offs_m[:, None] >= offs_n[None, :])
+            if HAS_MASK:
+                s2, valid = _add_mask(s2, valid, mask_base, offs_m, offs_n, N_Q, N_K, stride_mq, stride_mk)
+            fl = tl.floor(s2)
             e = tl.where(valid, fl, _NEG_BIG)
         else:
+            fl = tl.floor(s2)
             e = fl
         m_new = tl.maximum(m_i, tl.max(e, axis=1))
         alpha = _exp2_int(m_i - m_new)
         # p = exp2(s2 - m) computed as exp2(fraction) * (exact power of two); masked: 0
         p = tl.exp2(s2 - fl) * _exp2_int(e - m_new[:, None])
+        if HAS_MASK:  # a row masked so far has m_new = _NEG_BIG: its masked p must still be 0
+            p = tl.where(valid, p, 0.0)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, in_n, in_d, MASK, PAD_D)
         acc = tl.dot(_to_e4m3(p * _P_SCALE_FWD), v, acc * alpha[:, None], max_num_imprecise_acc=BLOCK_N)
@@ -243,21 +250,40 @@ def _fwd_blocks(
 
 
 @triton.jit
+def _add_mask(s2, valid, mask_base, offs_m, offs_n, N_Q, N_K, stride_mq, stride_mk):
+    """Scores plus the attention mask (log2 units, fp32; -inf: masked) of a [queries, keys] tile,
+    and the validity with masked entries off. Masked scores become 0 so that nothing is NaN."""
+    b2 = tl.load(mask_base + offs_m[:, None] * stride_mq + offs_n[None, :] * stride_mk,
+                 mask=(offs_m < N_Q)[:, None] & (offs_n < N_K)[None, :], other=float("-inf"))
+    valid = valid & (b2 != float("-inf"))
+    return tl.where(valid, s2 + b2, 0.0), valid
+
+
+@triton.jit
+def _mask_base(mask_ptr, z, H, stride_mb, stride_mh):
+    """The mask's [N_Q, N_K] slice of (b, h) = divmod(z, H) (broadcast dims have stride 0)."""
+    return mask_ptr + (z // H) * stride_mb + (z % H) * stride_mh
+
+
+@triton.jit
 def _attn_fwd_kernel(
     # pointers
-    q_ptr, k_ptr, vt_ptr, scale_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, vt_ptr, scale_ptr, o_ptr, lse_ptr, mask_ptr,
     # sizes
-    BH, N_Q, N_K, sm_scale_log2,
+    BH, H, N_Q, N_K, sm_scale_log2,
     # strides (z = b * H + h; vt is V read as [N_K, D] through V^T's strides)
     stride_qz, stride_qn, stride_qd, stride_kz, stride_kn, stride_kd,
     stride_vz, stride_vn, stride_vd, stride_oz, stride_on, stride_od,
+    stride_mb, stride_mh, stride_mq, stride_mk,
     # meta
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """o [BLOCK_M, D] and lse2 [BLOCK_M] (base 2) of one query block of one (b, h).
 
-    ``scale_ptr`` holds the dequantization scales [3, BH] of q, k and v.
+    ``scale_ptr`` holds the dequantization scales [3, BH] of q, k and v. With HAS_MASK,
+    ``mask_ptr`` is the additive mask in log2 units ([B, H, N_Q, N_K] through its strides)
+    and every key block takes the masked path.
     """
     PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
     pid_m = tl.program_id(0)
@@ -274,17 +300,27 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)  # integer stabilizer: row max of floor(s2)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    mask_base = mask_ptr  # None without a mask (a constexpr: the unmasked kernels do not take it)
+    if HAS_MASK:
+        mask_base = _mask_base(mask_ptr, z, H, stride_mb, stride_mh)
     if CAUSAL:  # keys before the diagonal blocks need no mask (N_Q == N_K)
         split = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N
         end = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
+    elif HAS_MASK:  # every block is masked
+        split = 0
+        end = N_K
     else:  # full key blocks, then at most one partial block
         split = N_K // BLOCK_N * BLOCK_N
         end = N_K
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, qk_scale, offs_m, offs_d, in_d, 0, split, N_K,
-                                stride_kn, stride_kd, stride_vn, stride_vd, BLOCK_N, BLOCK_D, False, False, PAD_D)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, qk_scale, offs_m, offs_d, in_d, split, end, N_K,
-                                stride_kn, stride_kd, stride_vn, stride_vd, BLOCK_N, BLOCK_D, True, CAUSAL, PAD_D)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_base, qk_scale, offs_m, offs_d, in_d, 0,
+                                split, N_Q, N_K, stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
+                                BLOCK_N, BLOCK_D, False, False, PAD_D, False)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_base, qk_scale, offs_m, offs_d, in_d, split,
+                                end, N_Q, N_K, stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
+                                BLOCK_N, BLOCK_D, True, CAUSAL, PAD_D, HAS_MASK)
     out_scale = tl.load(scale_ptr + 2 * BH + pid_z) * (1.0 / _P_SCALE_FWD)
+    if HAS_MASK:  # a fully masked row has l = 0: its output is 0, as torch's
+        l_i = tl.where(l_i == 0.0, float("inf"), l_i)
     o = tl.math.div_rn(acc * out_scale, l_i[:, None])
     _store(o_ptr + z * stride_oz + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, o,
            in_m[:, None] & in_d[None, :], INTERPRET)
@@ -319,11 +355,11 @@ def _attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_blocks(
-    dk, dv, k, v, q_base, do_base, dot_base, lse_base, delta_base, qk_scale, dp_scale,
-    offs_n, offs_d, in_d, start, end, N_Q,
-    stride_qn, stride_qd, stride_dn, stride_dd, stride_tn, stride_td,
+    dk, dv, k, v, q_base, do_base, dot_base, lse_base, delta_base, mask_base, qk_scale, dp_scale,
+    offs_n, offs_d, in_d, start, end, N_Q, N_K,
+    stride_qn, stride_qd, stride_dn, stride_dd, stride_tn, stride_td, stride_mq, stride_mk,
     BLOCK_M1: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-    PAD_D: tl.constexpr, INTERPRET: tl.constexpr,
+    PAD_D: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Accumulate dK and dV of one key block over the query blocks [start, end)."""
     offs_mb = tl.arange(0, BLOCK_M1)
@@ -337,11 +373,16 @@ def _dkdv_blocks(
         else:
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
-        pt = tl.exp2(tl.dot(k, qt, max_num_imprecise_acc=BLOCK_D) * qk_scale - lse[None, :])
+        s2t = tl.dot(k, qt, max_num_imprecise_acc=BLOCK_D) * qk_scale
+        if HAS_MASK:  # the mask tile read transposed: [keys, queries]
+            s2t, attends = _add_mask(s2t, in_m[None, :], mask_base, offs_n, offs_m, N_K, N_Q, stride_mk, stride_mq)
+        pt = tl.exp2(s2t - lse[None, :])
         if MASK:
             valid = in_m[None, :]
             if CAUSAL:
                 valid = valid & (offs_m[None, :] >= offs_n[:, None])
+            if HAS_MASK:
+                valid = valid & attends
             pt = tl.where(valid, pt, 0.0)
         # dV += P^T dO: P^T in E4M3 with the fixed scale, dO E5M2 read through its transposed copy
         do_k = _load(dot_base + offs_m[:, None] * stride_tn + offs_d[None, :] * stride_td, in_m, in_d, MASK, PAD_D)
@@ -356,16 +397,17 @@ def _dkdv_blocks(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, do_ptr, dot_ptr, scale_ptr, do_scale_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, dot_ptr, scale_ptr, do_scale_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, mask_ptr,
     # sizes
-    BH, N_Q, N_K, sm_scale_log2, sm_scale,
+    BH, H, N_Q, N_K, sm_scale_log2, sm_scale,
     # strides (dot is dO read as [N_Q, D] through dO^T's strides)
     stride_qz, stride_qn, stride_qd, stride_kz, stride_kn, stride_kd, stride_vz, stride_vn, stride_vd,
     stride_dz, stride_dn, stride_dd, stride_tz, stride_tn, stride_td,
     stride_dkz, stride_dkn, stride_dkd, stride_dvz, stride_dvn, stride_dvd,
+    stride_mb, stride_mh, stride_mq, stride_mk,
     # meta
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
-    CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """dK and dV of BLOCK_N1 keys of one (b, h), looping over query blocks."""
     PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
@@ -387,26 +429,32 @@ def _attn_bwd_dkdv_kernel(
     dot_base = dot_ptr + z * stride_tz
     lse_base = lse_ptr + z * N_Q
     delta_base = delta_ptr + z * N_Q
+    mask_base = mask_ptr  # None without a mask (a constexpr: the unmasked kernels do not take it)
+    if HAS_MASK:
+        mask_base = _mask_base(mask_ptr, z, H, stride_mb, stride_mh)
     dk = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N1, BLOCK_D], dtype=tl.float32)
-    full = N_Q // BLOCK_M1 * BLOCK_M1
+    if HAS_MASK:  # with a mask every block is masked
+        full = 0
+    else:
+        full = N_Q // BLOCK_M1 * BLOCK_M1
     if CAUSAL:  # query blocks on the diagonal are masked; later ones see every key of this block
         lo = (pid_n * BLOCK_N1) // BLOCK_M1 * BLOCK_M1
         split = tl.cdiv((pid_n + 1) * BLOCK_N1, BLOCK_M1) * BLOCK_M1
-        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, dot_base, lse_base, delta_base, qk_scale, dp_scale,
-                              offs_n, offs_d, in_d, lo, tl.minimum(split, N_Q), N_Q,
-                              stride_qn, stride_qd, stride_dn, stride_dd, stride_tn, stride_td,
-                              BLOCK_M1, BLOCK_D, True, True, PAD_D, INTERPRET)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, dot_base, lse_base, delta_base, mask_base, qk_scale,
+                              dp_scale, offs_n, offs_d, in_d, lo, tl.minimum(split, N_Q), N_Q, N_K,
+                              stride_qn, stride_qd, stride_dn, stride_dd, stride_tn, stride_td, stride_mq, stride_mk,
+                              BLOCK_M1, BLOCK_D, True, True, PAD_D, False, INTERPRET)
     else:
         split = 0
-    dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, dot_base, lse_base, delta_base, qk_scale, dp_scale,
-                          offs_n, offs_d, in_d, split, full, N_Q,
-                          stride_qn, stride_qd, stride_dn, stride_dd, stride_tn, stride_td,
-                          BLOCK_M1, BLOCK_D, False, False, PAD_D, INTERPRET)
-    dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, dot_base, lse_base, delta_base, qk_scale, dp_scale,
-                          offs_n, offs_d, in_d, tl.maximum(split, full), N_Q, N_Q,
-                          stride_qn, stride_qd, stride_dn, stride_dd, stride_tn, stride_td,
-                          BLOCK_M1, BLOCK_D, True, False, PAD_D, INTERPRET)
+    dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, dot_base, lse_base, delta_base, mask_base, qk_scale,
+                          dp_scale, offs_n, offs_d, in_d, split, full, N_Q, N_K,
+                          stride_qn, stride_qd, stride_dn, stride_dd, stride_tn, stride_td, stride_mq, stride_mk,
+                          BLOCK_M1, BLOCK_D, False, False, PAD_D, False, INTERPRET)
+    dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, dot_base, lse_base, delta_base, mask_base, qk_scale,
+                          dp_scale, offs_n, offs_d, in_d, tl.maximum(split, full), N_Q, N_Q, N_K,
+                          stride_qn, stride_qd, stride_dn, stride_dd, stride_tn, stride_td, stride_mq, stride_mk,
+                          BLOCK_M1, BLOCK_D, True, False, PAD_D, HAS_MASK, INTERPRET)
     dv = dv * (do_scale * (1.0 / _P_SCALE_BWD))
     dk = dk * (q_scale * sm_scale)
     mask = in_n[:, None] & in_d[None, :]
@@ -416,10 +464,10 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_blocks(
-    dq, q, do, lse, delta, k_base, v_base, qk_scale, dp_scale, offs_m, offs_d, in_d, start, end, N_K,
-    stride_kn, stride_kd, stride_vn, stride_vd,
+    dq, q, do, lse, delta, k_base, v_base, mask_base, qk_scale, dp_scale, offs_m, offs_d, in_d, start, end, N_Q, N_K,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
     BLOCK_N2: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-    PAD_D: tl.constexpr, INTERPRET: tl.constexpr,
+    PAD_D: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """Accumulate dQ of one query block over the key blocks [start, end)."""
     offs_nb = tl.arange(0, BLOCK_N2)
@@ -428,11 +476,16 @@ def _dq_blocks(
         in_n = offs_n < N_K
         kt = _load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, in_d, in_n, PAD_D, MASK)
         vt = _load(v_base + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd, in_d, in_n, PAD_D, MASK)
-        p = tl.exp2(tl.dot(q, kt, max_num_imprecise_acc=BLOCK_D) * qk_scale - lse[:, None])
+        s2 = tl.dot(q, kt, max_num_imprecise_acc=BLOCK_D) * qk_scale
+        if HAS_MASK:
+            s2, attends = _add_mask(s2, in_n[None, :], mask_base, offs_m, offs_n, N_Q, N_K, stride_mq, stride_mk)
+        p = tl.exp2(s2 - lse[:, None])
         if MASK:
             valid = in_n[None, :]
             if CAUSAL:
                 valid = valid & (offs_m[:, None] >= offs_n[None, :])
+            if HAS_MASK:
+                valid = valid & attends
             p = tl.where(valid, p, 0.0)
         ds = p * (tl.dot(do, vt, max_num_imprecise_acc=BLOCK_D) * dp_scale - delta[:, None])
         dq = _dot_bf16(_to_bf16(ds, INTERPRET), tl.trans(kt), dq, INTERPRET)
@@ -442,15 +495,16 @@ def _dq_blocks(
 @triton.jit
 def _attn_bwd_dq_kernel(
     # pointers
-    q_ptr, k_ptr, v_ptr, do_ptr, scale_ptr, do_scale_ptr, lse_ptr, delta_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, scale_ptr, do_scale_ptr, lse_ptr, delta_ptr, dq_ptr, mask_ptr,
     # sizes
-    BH, N_Q, N_K, sm_scale_log2, sm_scale,
+    BH, H, N_Q, N_K, sm_scale_log2, sm_scale,
     # strides
     stride_qz, stride_qn, stride_qd, stride_kz, stride_kn, stride_kd, stride_vz, stride_vn, stride_vd,
     stride_dz, stride_dn, stride_dd, stride_dqz, stride_dqn, stride_dqd,
+    stride_mb, stride_mh, stride_mq, stride_mk,
     # meta
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
-    CAUSAL: tl.constexpr, INTERPRET: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """dQ of BLOCK_M2 queries of one (b, h), looping over key blocks."""
     PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
@@ -470,17 +524,25 @@ def _attn_bwd_dq_kernel(
     dp_scale = tl.load(do_scale_ptr + pid_z) * tl.load(scale_ptr + 2 * BH + pid_z)
     k_base = k_ptr + z * stride_kz
     v_base = v_ptr + z * stride_vz
+    mask_base = mask_ptr  # None without a mask (a constexpr: the unmasked kernels do not take it)
+    if HAS_MASK:
+        mask_base = _mask_base(mask_ptr, z, H, stride_mb, stride_mh)
     dq = tl.zeros([BLOCK_M2, BLOCK_D], dtype=tl.float32)
     if CAUSAL:
         split = (pid_m * BLOCK_M2) // BLOCK_N2 * BLOCK_N2
         end = tl.minimum(N_K, (pid_m + 1) * BLOCK_M2)
+    elif HAS_MASK:
+        split = 0
+        end = N_K
     else:
         split = N_K // BLOCK_N2 * BLOCK_N2
         end = N_K
-    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, qk_scale, dp_scale, offs_m, offs_d, in_d, 0, split, N_K,
-                    stride_kn, stride_kd, stride_vn, stride_vd, BLOCK_N2, BLOCK_D, False, False, PAD_D, INTERPRET)
-    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, qk_scale, dp_scale, offs_m, offs_d, in_d, split, end, N_K,
-                    stride_kn, stride_kd, stride_vn, stride_vd, BLOCK_N2, BLOCK_D, True, CAUSAL, PAD_D, INTERPRET)
+    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_base, qk_scale, dp_scale, offs_m, offs_d, in_d, 0,
+                    split, N_Q, N_K, stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
+                    BLOCK_N2, BLOCK_D, False, False, PAD_D, False, INTERPRET)
+    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_base, qk_scale, dp_scale, offs_m, offs_d, in_d, split,
+                    end, N_Q, N_K, stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
+                    BLOCK_N2, BLOCK_D, True, CAUSAL, PAD_D, HAS_MASK, INTERPRET)
     dq = dq * (k_scale * sm_scale)
     _store(dq_ptr + z * stride_dqz + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd, dq,
            in_m[:, None] & in_d[None, :], INTERPRET)
@@ -578,7 +640,17 @@ def _transposed_copy(x8: torch.Tensor) -> torch.Tensor:
 # tensor they pass is contiguous in (B, H) (quantize's outputs, the copies, new outputs).
 
 
-def _attention_fwd_triton(q8, k8, v8, scales, causal, sm_scale, out_dtype):
+def _mask_args(mask2: Optional[torch.Tensor]) -> dict:
+    """Kernel arguments of the log2 mask [B, H, N_q, N_k] (a broadcast view), or a placeholder."""
+    if mask2 is None:  # None arguments are constexprs: the unmasked kernels do not even take them
+        return dict(mask_ptr=None, H=None, stride_mb=None, stride_mh=None, stride_mq=None, stride_mk=None,
+                    HAS_MASK=False)
+    sb, sh, sq, sk = mask2.stride()
+    return dict(mask_ptr=mask2, H=mask2.shape[1], stride_mb=sb, stride_mh=sh, stride_mq=sq, stride_mk=sk,
+                HAS_MASK=True)
+
+
+def _attention_fwd_triton(q8, k8, v8, scales, causal, sm_scale, out_dtype, mask2=None):
     b, h, n_q, d = q8.shape
     n_k = k8.shape[2]
     cfg = pick_config(d)
@@ -597,11 +669,12 @@ def _attention_fwd_triton(q8, k8, v8, scales, causal, sm_scale, out_dtype):
         stride_oz=o.stride(1), stride_on=o.stride(2), stride_od=o.stride(3),
         HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=t.rows, BLOCK_N=t.cols, CAUSAL=causal,
         INTERPRET=_backend.triton_interprets(), num_warps=t.num_warps, num_stages=t.num_stages,
+        **_mask_args(mask2),
     )
     return o, lse
 
 
-def _attention_bwd_triton(do, o, lse, q8, k8, v8, scales, causal, sm_scale):
+def _attention_bwd_triton(do, o, lse, q8, k8, v8, scales, causal, sm_scale, mask2=None):
     b, h, n_q, d = q8.shape
     n_k = k8.shape[2]
     bh = b * h
@@ -626,7 +699,7 @@ def _attention_bwd_triton(do, o, lse, q8, k8, v8, scales, causal, sm_scale):
                   stride_kz=k8.stride(1), stride_kn=k8.stride(2), stride_kd=k8.stride(3),
                   stride_vz=v8.stride(1), stride_vn=v8.stride(2), stride_vd=v8.stride(3),
                   stride_dz=do8.stride(1), stride_dn=do8.stride(2), stride_dd=do8.stride(3),
-                  HEAD_DIM=d, BLOCK_D=bd, CAUSAL=causal, INTERPRET=interpret)
+                  HEAD_DIM=d, BLOCK_D=bd, CAUSAL=causal, INTERPRET=interpret, **_mask_args(mask2))
     _attn_bwd_dkdv_kernel[(triton.cdiv(n_k, cfg.dkdv.rows), bh)](
         q_ptr=q8, k_ptr=k8, v_ptr=v8, do_ptr=do8, dot_ptr=do8t, scale_ptr=scales, do_scale_ptr=do_scale,
         lse_ptr=lse, delta_ptr=delta, dk_ptr=dk, dv_ptr=dv,
@@ -668,10 +741,26 @@ def _exp2_int_reference(e: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, ((ei + 127) << 23).view(torch.float32), torch.zeros_like(e))
 
 
-def _valid_mask(n_q: int, n_k: int, causal: bool, device) -> Optional[torch.Tensor]:
-    if not causal:
-        return None
-    return torch.ones((n_q, n_k), dtype=torch.bool, device=device).tril()
+def _valid_mask(n_q: int, n_k: int, causal: bool, device, mask2: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """Where the scores count: the causal triangle and / or the entries the mask does not set to -inf."""
+    valid = torch.ones((n_q, n_k), dtype=torch.bool, device=device).tril() if causal else None
+    if mask2 is not None:
+        valid = mask2 != -math.inf if valid is None else valid & (mask2 != -math.inf)
+    return valid
+
+
+def log2_mask(attn_mask: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """An ``F.scaled_dot_product_attention`` mask (bool: True attends; float: added to the scores)
+    as the kernels take it: fp32 in log2 units, -inf where masked, broadcast to ``shape``
+    [B, H, N_q, N_k] as a view. Finite values are clamped at -2**100 so that a float mask of
+    finfo.min behaves as in torch (masked, and a row masked everywhere averages v uniformly)."""
+    if attn_mask.dtype == torch.bool:
+        mask2 = torch.zeros(attn_mask.shape, dtype=torch.float32, device=attn_mask.device)
+        mask2.masked_fill_(~attn_mask, -math.inf)
+    else:
+        m = attn_mask.float()
+        mask2 = torch.where(m == -math.inf, m, m.clamp(min=-2.0**99) * LOG2E)
+    return mask2.expand(shape)
 
 
 def _scores_log2(q8, k8, scales, sm_scale):
@@ -681,22 +770,28 @@ def _scores_log2(q8, k8, scales, sm_scale):
     return torch.matmul(q8.float(), k8.float().transpose(-1, -2)) * qk_scale.reshape(b, h, 1, 1)
 
 
-def attention_fwd_reference(q8, k8, v8, scales, causal: bool, sm_scale: float, out_dtype: torch.dtype):
+def attention_fwd_reference(q8, k8, v8, scales, causal: bool, sm_scale: float, out_dtype: torch.dtype,
+                            mask2: Optional[torch.Tensor] = None):
     """PyTorch twin of the forward kernel, whole-matrix in fp32 (the same quantization points).
 
-    q8 [B, H, N_q, D], k8 / v8 [B, H, N_k, D] E4M3, scales [3, B*H] (q, k, v).
-    Returns (o [B, H, N_q, D] in ``out_dtype``, lse2 [B, H, N_q] fp32 in base 2).
+    q8 [B, H, N_q, D], k8 / v8 [B, H, N_k, D] E4M3, scales [3, B*H] (q, k, v), mask2 (optional)
+    [B, H, N_q, N_k] from :func:`log2_mask`. Returns (o [B, H, N_q, D] in ``out_dtype``,
+    lse2 [B, H, N_q] fp32 in base 2).
     """
     b, h, n_q, _ = q8.shape
     n_k = k8.shape[2]
     s2 = _scores_log2(q8, k8, scales, sm_scale)
+    valid = _valid_mask(n_q, n_k, causal, q8.device, mask2)
+    if mask2 is not None:  # as the kernels: masked scores become 0 (never NaN)
+        s2 = torch.where(valid, s2 + mask2, torch.zeros_like(s2))
     fl = torch.floor(s2)
-    valid = _valid_mask(n_q, n_k, causal, q8.device)
     neg = torch.full_like(fl, -1.0e30)
     fl_valid = fl if valid is None else torch.where(valid, fl, neg)
     m = fl_valid.amax(dim=-1, keepdim=True)  # integer stabilizer
     p = torch.exp2(s2 - fl) * _exp2_int_reference(fl_valid - m if valid is None else torch.where(valid, fl - m, neg))
     l = p.sum(dim=-1, keepdim=True)
+    if mask2 is not None:  # a fully masked row: output 0, as torch's
+        l = torch.where(l == 0, torch.full_like(l, math.inf), l)
     p_hat = _e4m3_values(p * P_SCALE_FWD)
     acc = torch.matmul(p_hat, v8.float())
     out_scale = scales[2].reshape(b, h, 1, 1) * (1.0 / P_SCALE_FWD)
@@ -704,7 +799,8 @@ def attention_fwd_reference(q8, k8, v8, scales, causal: bool, sm_scale: float, o
     return o.to(out_dtype), (m + torch.log2(l)).squeeze(-1)
 
 
-def attention_bwd_reference(do, o, lse, q8, k8, v8, scales, causal: bool, sm_scale: float):
+def attention_bwd_reference(do, o, lse, q8, k8, v8, scales, causal: bool, sm_scale: float,
+                            mask2: Optional[torch.Tensor] = None):
     """PyTorch twin of the backward kernels (dO quantized to E5M2 here, as on the kernel path).
 
     Returns (dq, dk, dv) in o's dtype.
@@ -715,8 +811,11 @@ def attention_bwd_reference(do, o, lse, q8, k8, v8, scales, causal: bool, sm_sca
     do_s = do_scale.reshape(b, h, 1, 1)
     s_q, s_k, s_v = (s.reshape(b, h, 1, 1) for s in scales)
     delta = (o.float() * do8.float()).sum(-1, keepdim=True) * do_s
-    p = torch.exp2(_scores_log2(q8, k8, scales, sm_scale) - lse.unsqueeze(-1))
-    valid = _valid_mask(n_q, n_k, causal, q8.device)
+    s2 = _scores_log2(q8, k8, scales, sm_scale)
+    valid = _valid_mask(n_q, n_k, causal, q8.device, mask2)
+    if mask2 is not None:
+        s2 = torch.where(valid, s2 + mask2, torch.zeros_like(s2))
+    p = torch.exp2(s2 - lse.unsqueeze(-1))
     if valid is not None:
         p = torch.where(valid, p, torch.zeros_like(p))
     dv = torch.matmul(_e4m3_values(p * P_SCALE_BWD).transpose(-1, -2), do8.float()) * (do_s * (1.0 / P_SCALE_BWD))
@@ -744,8 +843,10 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 @torch.library.custom_op("tritonfp8::attention_fwd", mutates_args=())
 def attention_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
+    mask2: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward on validated q [B, H, N_q, D], k, v [B, H, N_k, D].
+    """Forward on validated q [B, H, N_q, D], k, v [B, H, N_k, D] and the optional mask from
+    :func:`log2_mask` ([B, H, N_q, N_k], a broadcast view).
 
     Returns (o [B, H, N_q, D] in q's dtype, lse2 [B, H, N_q] fp32 (base 2), q8, k8, v8
     (E4M3, contiguous), scales [3, B*H] fp32); everything after o is saved for the backward.
@@ -755,14 +856,14 @@ def attention_fwd_op(
         o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     elif _backend.resolve(q.device) == "torch":
-        o, lse = attention_fwd_reference(q8, k8, v8, scales, causal, sm_scale, q.dtype)
+        o, lse = attention_fwd_reference(q8, k8, v8, scales, causal, sm_scale, q.dtype, mask2)
     else:
-        o, lse = _attention_fwd_triton(q8, k8, v8, scales, causal, sm_scale, q.dtype)
+        o, lse = _attention_fwd_triton(q8, k8, v8, scales, causal, sm_scale, q.dtype, mask2)
     return o, lse, q8, k8, v8, scales
 
 
 @attention_fwd_op.register_fake
-def _(q, k, v, causal, sm_scale):
+def _(q, k, v, causal, sm_scale, mask2=None):
     b, h, n_q, d = q.shape
     fp8 = E4M3.torch_dtype
     return (
@@ -775,7 +876,7 @@ def _(q, k, v, causal, sm_scale):
 @torch.library.custom_op("tritonfp8::attention_bwd", mutates_args=())
 def attention_bwd_op(
     do: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor,
-    scales: torch.Tensor, causal: bool, sm_scale: float,
+    scales: torch.Tensor, causal: bool, sm_scale: float, mask2: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: (dq, dk, dv) in o's dtype from dO [B, H, N_q, D] and the forward's saved tensors.
 
@@ -787,28 +888,29 @@ def attention_bwd_op(
                 torch.zeros(v8.shape, dtype=o.dtype, device=o.device))
     do = do.to(o.dtype)
     if _backend.resolve(do.device) == "torch":
-        return attention_bwd_reference(do, o, lse, q8, k8, v8, scales, causal, sm_scale)
-    return _attention_bwd_triton(do, o, lse, q8, k8, v8, scales, causal, sm_scale)
+        return attention_bwd_reference(do, o, lse, q8, k8, v8, scales, causal, sm_scale, mask2)
+    return _attention_bwd_triton(do, o, lse, q8, k8, v8, scales, causal, sm_scale, mask2)
 
 
 @attention_bwd_op.register_fake
-def _(do, o, lse, q8, k8, v8, scales, causal, sm_scale):
+def _(do, o, lse, q8, k8, v8, scales, causal, sm_scale, mask2=None):
     return o.new_empty(q8.shape), o.new_empty(k8.shape), o.new_empty(v8.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, _, causal, sm_scale = inputs
+    _, _, _, causal, sm_scale, *mask2 = inputs
     o, lse, q8, k8, v8, scales = output
     ctx.mark_non_differentiable(lse, q8, k8, v8, scales)
-    ctx.save_for_backward(o, lse, q8, k8, v8, scales)
+    ctx.save_for_backward(o, lse, q8, k8, v8, scales, mask2[0] if mask2 else None)
     ctx.causal, ctx.sm_scale = causal, sm_scale
 
 
 def _backward(ctx, do, *unused):
-    o, lse, q8, k8, v8, scales = ctx.saved_tensors
+    refuse_double_backward("attention")
+    o, lse, q8, k8, v8, scales, mask2 = ctx.saved_tensors
     q8, k8, v8 = (t.view(torch.uint8) for t in (q8, k8, v8))
-    dq, dk, dv = attention_bwd_op(do, o, lse, q8, k8, v8, scales, ctx.causal, ctx.sm_scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = attention_bwd_op(do, o, lse, q8, k8, v8, scales, ctx.causal, ctx.sm_scale, mask2)
+    return dq, dk, dv, None, None, None
 
 
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -819,9 +921,9 @@ class FP8Attention(torch.autograd.Function):
     / ``tritonfp8::attention_bwd`` ops (Triton kernels, or the reference on the torch backend)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, sm_scale: float):
-        o, lse, q8, k8, v8, scales = attention_fwd_op(q, k, v, causal, sm_scale)
-        ctx.save_for_backward(o, lse, q8, k8, v8, scales)
+    def forward(ctx, q, k, v, causal: bool, sm_scale: float, mask2: Optional[torch.Tensor] = None):
+        o, lse, q8, k8, v8, scales = attention_fwd_op(q, k, v, causal, sm_scale, mask2)
+        ctx.save_for_backward(o, lse, q8, k8, v8, scales, mask2)
         ctx.causal, ctx.sm_scale = causal, sm_scale
         return o
 
@@ -882,15 +984,21 @@ def _check_device(device: torch.device) -> None:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-              scale: Optional[float] = None) -> torch.Tensor:
-    """FP8 scaled dot-product attention: ``softmax(scale * q k^T (+ causal mask)) v``.
+              scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
+              enable_gqa: bool = False) -> torch.Tensor:
+    """FP8 scaled dot-product attention: ``softmax(scale * q k^T + mask) v``.
 
     Args:
-        q: [B, H, N_q, D]; k, v: [B, H, N_k, D] (as ``F.scaled_dot_product_attention``),
+        q: [B, H, N_q, D]; k, v: [B, H_kv, N_k, D] (as ``F.scaled_dot_product_attention``),
             float32 / bfloat16 / float16, one dtype and device, any strides.
             D in :data:`HEAD_DIMS` (16, 32, 64, 128); any N_q, N_k >= 1.
         causal: mask keys after each query (query i sees keys 0..i); needs N_q == N_k.
         scale: the score scale, 1/sqrt(D) by default.
+        attn_mask: as SDPA's, broadcastable to [B, H, N_q, N_k]: bool (True attends) or
+            float (added to the scores; no gradient flows to it). Not with ``causal``.
+            A query row masked everywhere gives 0 (as torch).
+        enable_gqa: H a multiple of H_kv (grouped-query attention): each k / v head serves
+            H / H_kv query heads (as torch, through a repeated copy of k and v).
 
     Returns:
         o [B, H, N_q, D] in q's dtype, differentiable in q, k and v.
@@ -899,9 +1007,41 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     operands as in the module doc. CUDA tensors run the Triton kernels, CPU tensors
     the PyTorch reference (see :mod:`tritonfp8.backend`).
     """
+    if enable_gqa and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == k.dim() == 4 \
+            and k.shape[1] != q.shape[1]:
+        if q.shape[1] % k.shape[1]:
+            raise ValueError(f"enable_gqa needs the query heads ({q.shape[1]}) to be a multiple of the "
+                             f"key / value heads ({k.shape[1]})")
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     _validate(q, k, v, causal, scale)
     _check_device(q.device)
-    return FP8Attention.apply(q, k, v, causal, _sm_scale(q, scale))
+    mask2 = None
+    if attn_mask is not None:
+        shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        _validate_mask(attn_mask, shape, causal, q.device)
+        mask2 = log2_mask(attn_mask, shape)
+    return FP8Attention.apply(q, k, v, causal, _sm_scale(q, scale), mask2)
+
+
+def _validate_mask(attn_mask, shape: tuple, causal: bool, device) -> None:
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+    if causal:
+        raise ValueError("pass either attn_mask or causal=True, not both (as F.scaled_dot_product_attention)")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool (True attends) or floating (added to the scores), got {attn_mask.dtype}")
+    if attn_mask.requires_grad:
+        raise ValueError("attn_mask requires grad, and fp8 attention computes no gradient for the mask; "
+                         "use F.scaled_dot_product_attention for a learned bias (e.g. T5's position bias)")
+    if attn_mask.device != device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {device}")
+    try:
+        torch.broadcast_shapes(attn_mask.shape, shape)
+    except RuntimeError:
+        raise ValueError(f"attn_mask {tuple(attn_mask.shape)} does not broadcast to [B, H, N_q, N_k] = {shape}") from None
+    if attn_mask.dim() > 4 or torch.broadcast_shapes(attn_mask.shape, shape) != torch.Size(shape):
+        raise ValueError(f"attn_mask {tuple(attn_mask.shape)} does not broadcast to [B, H, N_q, N_k] = {shape}")
 
 
 # ----------------------------------------------------------------------------
@@ -912,9 +1052,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
 _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dd", "stride_tn",
                  "stride_dkd", "stride_dvd", "stride_dqd")
 _FP32_ARGS = ("sm_scale_log2", "sm_scale")
+_MASK_ARGS = ("mask_ptr", "H", "stride_mb", "stride_mh", "stride_mq", "stride_mk")
 
 
-def _aot_spec(kind: str, head_dim: int, causal: bool, out: str = "bf16"):
+def _aot_spec(kind: str, head_dim: int, causal: bool, out: str = "bf16", masked: bool = False):
     from ..aot import KernelSpec
 
     cfg = _GPU_CONFIGS[max(64, block_d(head_dim))]
@@ -922,21 +1063,21 @@ def _aot_spec(kind: str, head_dim: int, causal: bool, out: str = "bf16"):
     types = {"q_ptr": "*fp8e4nv", "k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv", "vt_ptr": "*fp8e4nv",
              "do_ptr": "*fp8e5", "dot_ptr": "*fp8e5", "scale_ptr": "*fp32", "do_scale_ptr": "*fp32",
              "lse_ptr": "*fp32", "delta_ptr": "*fp32", "o_ptr": "*" + out, "dq_ptr": "*" + out,
-             "dk_ptr": "*" + out, "dv_ptr": "*" + out}
+             "dk_ptr": "*" + out, "dv_ptr": "*" + out, "mask_ptr": "*fp32"}
     if kind == "fwd":
         kernel = _attn_fwd_kernel
         t = cfg.fwd
-        meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=t.rows, BLOCK_N=t.cols, CAUSAL=causal, INTERPRET=False)
+        meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=t.rows, BLOCK_N=t.cols, CAUSAL=causal, HAS_MASK=masked, INTERPRET=False)
         unit = ("stride_qd", "stride_kd", "stride_vn", "stride_od")  # V is read through its transposed copy
     elif kind == "dkdv":
         kernel = _attn_bwd_dkdv_kernel
         t = cfg.dkdv
-        meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_N1=t.rows, BLOCK_M1=t.cols, CAUSAL=causal, INTERPRET=False)
+        meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_N1=t.rows, BLOCK_M1=t.cols, CAUSAL=causal, HAS_MASK=masked, INTERPRET=False)
         unit = _UNIT_STRIDES
     elif kind == "dq":
         kernel = _attn_bwd_dq_kernel
         t = cfg.dq
-        meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M2=t.rows, BLOCK_N2=t.cols, CAUSAL=causal, INTERPRET=False)
+        meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M2=t.rows, BLOCK_N2=t.cols, CAUSAL=causal, HAS_MASK=masked, INTERPRET=False)
         unit = _UNIT_STRIDES
     else:
         kernel = _attn_bwd_preprocess_kernel
@@ -945,6 +1086,8 @@ def _aot_spec(kind: str, head_dim: int, causal: bool, out: str = "bf16"):
         unit = ("stride_od", "stride_dd")
         types["o_ptr"] = "*bf16"
     meta.update({name: 1 for name in unit if name in kernel.arg_names})
+    if not masked:  # what the launchers pass without a mask (None: a constexpr)
+        meta.update({name: None for name in _MASK_ARGS if name in kernel.arg_names})
     signature = {}
     for name in kernel.arg_names:
         if name in meta:
@@ -957,16 +1100,17 @@ def _aot_spec(kind: str, head_dim: int, causal: bool, out: str = "bf16"):
     # (multiples of D >= 16, or of the padded N of the transposed copies); sizes stay unaligned.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
              if signature[name].startswith("*") or (name.startswith("stride_") and signature[name] == "i32")}
-    name = f"attention_{kind}[D={head_dim}{',causal' if causal else ''},{out}]"
+    name = f"attention_{kind}[D={head_dim}{',causal' if causal else ''}{',mask' if masked else ''},{out}]"
     return KernelSpec(name=name, kernel=kernel, signature=signature, constexprs=meta, num_warps=t.num_warps,
                       num_stages=t.num_stages, fp8_mma=kind != "preprocess", extra={"attrs": attrs})
 
 
 def aot_specs() -> list:
-    """Forward for D in (64, 128) x causal; dK/dV likewise; dQ and the preprocess once per D / mode."""
-    specs = [_aot_spec("fwd", d, c, out) for d, c, out in
+    """Forward for D in (64, 128) x causal; dK/dV likewise; dQ and the preprocess once per D / mode.
+    The non-causal D = 128 kernels are the masked ones (attn_mask; D = 64 covers no mask)."""
+    specs = [_aot_spec("fwd", d, c, out, masked=(d, c) == (128, False)) for d, c, out in
              [(64, False, "bf16"), (64, True, "fp16"), (128, False, "fp32"), (128, True, "bf16")]]
-    specs += [_aot_spec("dkdv", d, c) for d in (64, 128) for c in (False, True)]
-    specs += [_aot_spec("dq", 64, True), _aot_spec("dq", 128, False)]
+    specs += [_aot_spec("dkdv", d, c, masked=(d, c) == (128, False)) for d in (64, 128) for c in (False, True)]
+    specs += [_aot_spec("dq", 64, True), _aot_spec("dq", 128, False, masked=True)]
     specs.append(_aot_spec("preprocess", 128, False))
     return specs
