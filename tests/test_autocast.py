@@ -1,5 +1,6 @@
 """fp8_autocast on unmodified PyTorch models: forms, scoping, counts, training curves."""
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -162,6 +163,144 @@ def test_kept_layer_with_16_bit_master_weights_computes_in_the_input_dtype():
     assert y.dtype == torch.float32 and torch.equal(y, F.linear(h, last.weight.float(), last.bias.float()))
     assert last.weight.grad.dtype == torch.float16
     assert torch.equal(last.weight.grad, (torch.ones(4, 16).t() @ h).half())
+
+
+class _GPT2Conv1D(nn.Module):
+    """Hugging Face GPT-2's Conv1D: y = addmm(bias, x, W) with W [in, out]."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) * 0.05)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
+
+
+class _EveryProduct(nn.Module):
+    """One of each product kind the report lists (fp8 where the op takes it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(64, 64)
+        self.gpt2_conv1d = _GPT2Conv1D(64, 64)
+        self.proj = nn.Parameter(torch.randn(64, 64) * 0.1)  # x @ proj
+        self.left = nn.Parameter(torch.randn(64, 64) * 0.1)  # left @ x: high precision
+        self.batched = nn.Parameter(torch.randn(2, 64, 64) * 0.1)  # bmm: high precision
+        self.conv1d, self.conv2d, self.conv3d = nn.Conv1d(4, 16, 3), nn.Conv2d(4, 16, 3), nn.Conv3d(4, 16, 3)
+        self.deconv = nn.ConvTranspose2d(4, 16, 3)  # high precision
+
+    def forward(self, x, img):
+        h = self.gpt2_conv1d(self.linear(x)) @ self.proj
+        h = (self.left @ h.t()).t() + torch.bmm(h.reshape(2, -1, 64), self.batched).reshape(-1, 64)
+        q = h.reshape(1, 2, -1, 64)
+        pad = torch.ones(1, 1, 1, q.shape[2], dtype=torch.bool)
+        pad[..., -2:] = False
+        a = F.scaled_dot_product_attention(q, q, q, is_causal=True) + F.scaled_dot_product_attention(q, q, q, attn_mask=pad)
+        a = a + F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)  # high precision
+        convs = (self.conv1d(img[:, :, 0, 0]).mean() + self.conv2d(img[:, :, 0]).mean() + self.conv3d(img).mean()
+                 + self.deconv(img[:, :, 0]).mean())
+        return a.mean() + convs
+
+
+def test_report_lists_every_product_kind_with_fp8_or_the_reason():
+    torch.manual_seed(0)
+    model = _EveryProduct()
+    ac = tf8.fp8_autocast("hybrid")
+    with ac:
+        model(torch.randn(16, 64), torch.randn(2, 4, 5, 6, 6)).backward()
+    s = ac.summary()
+    runs = {name: (r.op, r.fp8_calls, r.high_precision_calls) for name, r in s.items()}
+    assert runs == {
+        "linear.weight": ("linear", 1, 0), "gpt2_conv1d.weight": ("addmm", 1, 0), "proj": ("matmul", 1, 0),
+        "left": ("matmul", 0, 1), "batched": ("matmul", 0, 1), "attention[d=64]": ("attention", 2, 1),
+        "conv1d.weight": ("conv1d", 1, 0), "conv2d.weight": ("conv2d", 1, 0), "conv3d.weight": ("conv3d", 1, 0),
+        "deconv.weight": ("conv_transpose2d", 0, 1)}, runs
+    assert "parameter on the left" in next(iter(s["left"].reasons))
+    assert "batched" in next(iter(s["batched"].reasons))
+    assert "dropout" in next(iter(s["attention[d=64]"].reasons))
+    assert "transposed convolution" in next(iter(s["deconv.weight"].reasons))
+    # every parameter got its gradient through the fp8 or the stock path
+    assert all(p.grad is not None for p in model.parameters())
+    # FLOP weighting: the forward multiply-adds of each row, 2 M N K for the x @ W products
+    assert s["linear.weight"].fp8_flops == s["proj"].fp8_flops == 2 * 16 * 64 * 64
+    assert s["left"].high_precision_flops == 2 * 16 * 64 * 64
+    calls, flops = ac.fp8_fraction(), ac.fp8_fraction(by="flops")
+    fp8 = sum(r.fp8_flops for r in s.values())
+    assert flops == pytest.approx(fp8 / (fp8 + sum(r.high_precision_flops for r in s.values())))
+    assert calls == pytest.approx(8 / 12) and flops != calls
+    assert "of forward FLOPs" in ac.report()
+
+
+def test_x_at_parameter_and_addmm_compute_what_stock_torch_does():
+    torch.manual_seed(1)
+    conv1d, w = _GPT2Conv1D(64, 32), nn.Parameter(torch.randn(64, 32))
+    x = torch.randn(3, 8, 64)
+    with tf8.fp8_autocast("hybrid") as ac:
+        y1, y2 = conv1d(x), x @ w
+    assert ac.fp8_fraction() == 1.0
+    for got, want in ((y1, torch.addmm(conv1d.bias, x.reshape(-1, 64), conv1d.weight).reshape(3, 8, 32)), (y2, x @ w)):
+        assert got.shape == want.shape
+        assert ((got - want).norm() / want.norm()) < 0.1
+
+
+@pytest.mark.parametrize("scale, kind", [(1e6, "saturated"), (1e-7, "flushed")])
+def test_saturating_and_underflowing_layers_are_flagged(scale, kind):
+    """mellempudi2019 casts without a scale: inputs of 1e6 saturate at E5M2's 57344 and inputs of
+    1e-7 flush to zero. The layer is flagged in the report and warned about, once; the same inputs
+    under 'hybrid' (per-tensor scales) are not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64))
+    x = torch.randn(32, 64) * scale
+    ac = tf8.fp8_autocast("mellempudi2019")
+    with pytest.warns(RuntimeWarning, match=f"'0.weight': .*activation values {kind[:5]}"):
+        with ac:  # leaving the region checks the counts: the warning comes without asking
+            model(x).sum().backward()
+    fractions = ac.cast_fractions()
+    assert fractions["0.weight"]["activation"][kind] > 0.9
+    assert fractions["0.weight"]["weight"][kind] == 0.0
+    assert fractions["0.weight"]["activation"]["values"] == x.numel()
+    flagged = [line for line in ac.report().splitlines() if line.startswith("!")]
+    assert [line.split()[0] for line in flagged] == ["!0.weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per layer and role
+        ac.cast_fractions()
+    scaled = tf8.fp8_autocast("hybrid")
+    with scaled:
+        model(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f = scaled.cast_fractions()
+    assert all(v[kind] < 0.01 for layer in f.values() for v in layer.values())
+    assert not [line for line in scaled.report().splitlines() if line.startswith("!")]
+
+
+@pytest.mark.parametrize("masks", ["key_padding", "float_mask", "causal_and_padding", "bool_mask", "bool_both"])
+def test_multihead_attention_masks_run_in_fp8(masks):
+    """nn.MultiheadAttention with key_padding_mask / attn_mask (MHA's bool True = masked; bool and
+    float masks, alone and combined): in fp8, every output row within the recipe's usual error of
+    the stock layer's (a mask read the wrong way round, or one part dropped, is far off in the
+    rows it touches)."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(128, 2, batch_first=True)
+    x = torch.randn(3, 20, 128)
+    pad = torch.zeros(3, 20, dtype=torch.bool)
+    pad[1, 12:] = True
+    bool_mask = torch.rand(20, 20, generator=torch.Generator().manual_seed(1)) < 0.5
+    bool_mask[:, :4] = False  # every query keeps a few keys
+    kwargs = {"key_padding": dict(key_padding_mask=pad),
+              "float_mask": dict(attn_mask=torch.randn(20, 20) * 3),
+              "causal_and_padding": dict(attn_mask=nn.Transformer.generate_square_subsequent_mask(20),
+                                         key_padding_mask=pad.float() * -1e9),
+              "bool_mask": dict(attn_mask=bool_mask),
+              "bool_both": dict(attn_mask=bool_mask, key_padding_mask=pad)}[masks]
+    want = mha(x, x, x, need_weights=False, **kwargs)[0]
+    with tf8.fp8_autocast("hybrid") as ac:
+        got = mha(x, x, x, need_weights=False, **kwargs)[0]
+    row = ac.summary()["out_proj.weight"]
+    assert (row.op, row.fp8_calls, row.high_precision_calls) == ("multi_head_attention", 1, 0), dict(row.reasons)
+    per_row = (got - want).norm(dim=-1) / want.norm(dim=-1)
+    assert per_row.max() < 0.1, per_row.max()
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "transformer", "gpt"])

@@ -9,6 +9,7 @@ times the other operand, plus the output's own rounding (bf16 2^-9, fp32 accumul
 K * 2^-24). The tests check this elementwise against an fp64 product.
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 import tritonfp8 as tf8
 from conftest import KERNEL_DEVICE, kernels, reference
+from tritonfp8.nn.functional import padded_k
 
 RECIPES = ["mellempudi2019", "hybrid", "hybrid_delayed", "rowwise", "blockwise", "mxfp8"]
 
@@ -73,29 +75,62 @@ def test_linear_within_derived_bound_of_fp64(recipe_name):
     assert (err.norm() / exact.norm()) < 8 * _unit(recipe.error)
 
 
+def _patches64(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+    """x [B, C, *S] -> im2col patches [B*L, C*prod(k)] (channel-major), written out for the test."""
+    nd = len(kernel)
+    x = torch.nn.functional.pad(x, [p for pad in reversed(padding) for p in pad])
+    for i in range(nd):
+        # each unfold appends its window dim last: [B, C, *S_out, k_0, ..., k_i]
+        x = x.unfold(2 + i, dilation[i] * (kernel[i] - 1) + 1, stride[i])[..., ::dilation[i]]
+    x = x.permute(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))
+    return x.reshape(-1, math.prod(x.shape[1 + nd:]))
+
+
+CONV_CASES = {  # name: (module class, stock class, input shape, kwargs, torch padding (left, right) per dim)
+    "conv2d_s2": (tf8.nn.Conv2d, nn.Conv2d, (2, 8, 9, 9), dict(kernel_size=3, stride=2, padding=1), ((1, 1),) * 2),
+    "conv2d_k4_same": (tf8.nn.Conv2d, nn.Conv2d, (2, 8, 7, 6), dict(kernel_size=4, padding="same"), ((1, 2),) * 2),
+    "conv1d_dilated": (tf8.nn.Conv1d, nn.Conv1d, (3, 8, 21), dict(kernel_size=5, stride=2, padding=3, dilation=2,
+                                                                   groups=2), ((3, 3),)),
+    "conv3d_s2": (tf8.nn.Conv3d, nn.Conv3d, (2, 4, 5, 6, 7), dict(kernel_size=3, stride=(2, 1, 2), padding=1),
+                  ((1, 1),) * 3),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
 @pytest.mark.parametrize("recipe_name", ["hybrid", "blockwise", "mellempudi2019"])
-def test_conv2d_matches_fp64_within_bound(recipe_name):
+def test_conv_matches_fp64_within_bound(recipe_name, case):
+    """conv1d / conv2d / conv3d (even kernels with 'same', dilation, groups, strides): the output
+    within the GEMM bound of its patches elementwise, the gradients within 8 units of the error format."""
+    cls, stock_cls, shape, kwargs, torch_padding = CONV_CASES[case]
     recipe = tf8.get_recipe(recipe_name)
-    conv = tf8.nn.Conv2d(8, 32, 3, stride=2, padding=1, recipe=recipe)
-    ref = nn.Conv2d(8, 32, 3, stride=2, padding=1).double()
-    ref.load_state_dict({k: v.double() for k, v in conv.state_dict().items() if not k.startswith("fp8_state.")})
-    x = torch.randn(2, 8, 9, 9, requires_grad=True)
+    torch.manual_seed(0)
+    conv = cls(shape[1], 32, recipe=recipe, **kwargs)
+    ref = stock_cls(shape[1], 32, **kwargs).double()
+    ref.load_state_dict({k: v.double() for k, v in conv.state_dict().items()}, strict=True)
+    x = torch.randn(*shape, requires_grad=True)
     x64 = x.detach().double().requires_grad_()
     y, y64 = conv(x), ref(x64)
+    assert y.shape == y64.shape
     dy = torch.randn_like(y)
     y.backward(dy)
     y64.backward(dy.double())
-    # As GEMMs: patches [B*L, C*9] @ W^T; bound from the same derivation.
-    cols = torch.nn.functional.unfold(x64.detach(), 3, padding=1, stride=2).transpose(1, 2).reshape(-1, 72)
-    w = ref.weight.detach().reshape(32, 72)
-    bound = _bound(cols, w.t(), recipe.activation, recipe.weight, 2.0**-24, 72)
-    got = (y.double() - y64).permute(0, 2, 3, 1).reshape(-1, 32).abs()
-    assert torch.all(got <= bound + 1e-6)
-    for g, g64 in ((x.grad, x64.grad), (conv.weight.grad, ref.weight.grad)):
+    nd = len(shape) - 2
+    kernel = ref.weight.shape[2:]
+    stride, dilation = ref.stride, ref.dilation
+    cols = _patches64(x64.detach(), kernel, stride, torch_padding, dilation)  # [B*L, C*prod(k)]
+    groups, o = ref.groups, ref.out_channels
+    k, og = cols.shape[1] // groups, o // groups
+    got = (y.double() - y64).movedim(1, -1).reshape(-1, o).abs()
+    for g in range(groups):
+        w = ref.weight.detach()[g * og:(g + 1) * og].reshape(og, k)
+        bound = _bound(cols[:, g * k:(g + 1) * k], w.t(), recipe.activation, recipe.weight, 2.0**-24, padded_k(k))
+        assert torch.all(got[:, g * og:(g + 1) * og] <= bound + 1e-6), f"group {g}"
+    for g, g64 in ((x.grad, x64.grad), (conv.weight.grad, ref.weight.grad), (conv.bias.grad, ref.bias.grad)):
         assert ((g.double() - g64).norm() / g64.norm()) < 8 * _unit(recipe.error)
+    assert nd == len(kernel)
 
 
-@pytest.mark.parametrize("module", ["linear", "conv2d"])
+@pytest.mark.parametrize("module", ["linear", "conv1d", "conv2d", "conv3d"])
 @pytest.mark.parametrize("recipe_name", ["hybrid", "blockwise", "mellempudi2019"])
 def test_kernels_match_reference_at_fp32_accumulation_level(recipe_name, module):
     """Same quantized operands (bit-exact casts), so only the fp32 summation order differs."""
@@ -103,9 +138,15 @@ def test_kernels_match_reference_at_fp32_accumulation_level(recipe_name, module)
     if module == "linear":
         layer = tf8.nn.Linear(128, 64, recipe=recipe_name)
         x, dy = torch.randn(40, 128), torch.randn(40, 64)
-    else:
+    elif module == "conv1d":
+        layer = tf8.nn.Conv1d(16, 32, 4, padding="same", recipe=recipe_name)
+        x, dy = torch.randn(2, 16, 9), torch.randn(2, 32, 9)
+    elif module == "conv2d":
         layer = tf8.nn.Conv2d(16, 32, 3, padding=1, recipe=recipe_name)
         x, dy = torch.randn(2, 16, 6, 6), torch.randn(2, 32, 6, 6)
+    else:
+        layer = tf8.nn.Conv3d(8, 32, 3, padding=1, stride=(1, 2, 1), recipe=recipe_name)
+        x, dy = torch.randn(1, 8, 4, 5, 4), torch.randn(1, 32, 4, 3, 4)
     grads = {}
     for name, ctx in (("kernel", kernels()), ("reference", reference())):
         layer.fp8_state.calls = 0  # the same seeds for both runs
@@ -160,20 +201,36 @@ def test_convert_swaps_and_keeps_per_recipe():
     assert isinstance(model2[0], tf8.nn.Linear) and type(model2[1]) is nn.Linear
 
 
-def test_state_dict_round_trip_keeps_amax_history(tmp_path):
+def test_fp8_state_dict_round_trip_keeps_amax_history(tmp_path):
     layer = tf8.nn.Linear(64, 32, recipe="hybrid_delayed")
     for _ in range(3):
         layer(torch.randn(8, 64)).sum().backward()
     path = tmp_path / "layer.pt"
-    torch.save(layer.state_dict(), path)
+    torch.save({"model": layer.state_dict(), "fp8": tf8.nn.fp8_state_dict(layer)}, path)
+    saved = torch.load(path, weights_only=True)
     fresh = tf8.nn.Linear(64, 32, recipe="hybrid_delayed")
-    fresh.load_state_dict(torch.load(path, weights_only=False))
+    fresh.load_state_dict(saved["model"], strict=True)
+    tf8.nn.load_fp8_state_dict(fresh, saved["fp8"])
     assert fresh.fp8_state.calls == 3
     for role, hist in layer.fp8_state.amax_history.items():
         assert torch.equal(fresh.fp8_state.amax_history[role], hist)
         assert hist[:3].gt(0).all() and hist[3:].eq(0).all()
     x = torch.randn(8, 64)
     assert torch.equal(fresh(x), layer(x))
+
+
+def test_load_fp8_state_dict_says_what_does_not_match():
+    model = tf8.convert(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)), "hybrid_delayed",
+                        keep=lambda n, m: False)
+    state = tf8.nn.fp8_state_dict(model)
+    assert {k.split(".")[0] for k in state} == {"0", "1"}
+    with pytest.raises(KeyError, match="names no tf8.nn module"):
+        tf8.nn.load_fp8_state_dict(model, {"2.fp8_state.calls": torch.tensor(1)})
+    with pytest.raises(KeyError, match=r"nothing for the tf8.nn modules \['1'\]"):
+        tf8.nn.load_fp8_state_dict(model, {k: v for k, v in state.items() if k.startswith("0.")})
+    model[1].fp8_state.calls = 7
+    tf8.nn.load_fp8_state_dict(model, {k: v for k, v in state.items() if k.startswith("0.")}, strict=False)
+    assert model[1].fp8_state.calls == 7
 
 
 def _stock_and_converted(recipe):
@@ -192,35 +249,38 @@ def _train(model, steps=3):
 
 
 @pytest.mark.parametrize("recipe", ["hybrid_delayed", "mellempudi2019"])
-def test_state_dict_is_tensors_and_loads_strictly_from_stock(recipe):
-    """Every state_dict value is a tensor, the keys do not change with training, and a stock
-    checkpoint of the same model loads strictly (the fp8 state is optional on load)."""
+def test_state_dict_has_the_stock_keys_and_loads_strictly_both_ways(recipe):
+    """A converted model's state_dict has exactly the stock model's keys, before and after
+    training: stock -> converted -> stock loads strictly, and the fp8 state is apart."""
     stock, converted = _stock_and_converted(recipe)
-    keys_before = set(converted.state_dict())
+    assert set(converted.state_dict()) == set(stock.state_dict())
     _train(converted)
     state = converted.state_dict()
-    assert all(isinstance(v, torch.Tensor) for v in state.values())
-    assert set(state) == keys_before
-    assert set(state) - set(stock.state_dict()) == {k for k in state if ".fp8_state." in k}
+    assert set(state) == set(stock.state_dict())
     fresh = _stock_and_converted(recipe)[1]
     calls = fresh[0].fp8_state.calls
     fresh.load_state_dict(stock.state_dict(), strict=True)
-    assert fresh[0].fp8_state.calls == calls  # the fresh fp8 state is kept
+    assert fresh[0].fp8_state.calls == calls  # a stock checkpoint leaves the fp8 state alone
     for name, value in stock.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], value)
-    with pytest.raises(RuntimeError, match="fp8_state"):  # stock modules have no such keys
-        stock.load_state_dict(state, strict=True)
-    stock.load_state_dict({k: v for k, v in state.items() if ".fp8_state." not in k}, strict=True)
+    stock.load_state_dict(state, strict=True)
+    for name, value in state.items():
+        assert torch.equal(stock.state_dict()[name], value)
+    fp8 = tf8.nn.fp8_state_dict(converted)
+    assert fp8 and all(isinstance(v, torch.Tensor) for v in fp8.values())
+    assert set(fp8) == set(tf8.nn.fp8_state_dict(_stock_and_converted(recipe)[1]))  # keys do not change with training
 
 
 def test_safetensors_round_trip_resumes_bit_identically(tmp_path):
     import safetensors.torch as safetensors_torch
     _, converted = _stock_and_converted("hybrid_delayed")
     _train(converted)
-    path = str(tmp_path / "model.safetensors")
+    path, fp8_path = str(tmp_path / "model.safetensors"), str(tmp_path / "fp8.safetensors")
     safetensors_torch.save_file(converted.state_dict(), path)
+    safetensors_torch.save_file(tf8.nn.fp8_state_dict(converted), fp8_path)
     fresh = _stock_and_converted("hybrid_delayed")[1]
     fresh.load_state_dict(safetensors_torch.load_file(path), strict=True)
+    tf8.nn.load_fp8_state_dict(fresh, safetensors_torch.load_file(fp8_path))
     assert fresh[0].fp8_state.calls == 3
     for a, b in zip((converted[0], converted[3]), (fresh[0], fresh[3])):
         for role, hist in a.fp8_state.amax_history.items():
@@ -230,18 +290,39 @@ def test_safetensors_round_trip_resumes_bit_identically(tmp_path):
     assert torch.equal(lin(fresh), lin(converted))
 
 
-def test_nested_state_of_earlier_versions_still_loads():
+def test_fp8_state_in_state_dicts_of_earlier_versions_still_loads():
+    """Earlier versions put the fp8 state in state_dict, flat (fp8_state.<key>) or nested."""
     layer = tf8.nn.Linear(64, 32, recipe="hybrid_delayed")
     layer(torch.randn(8, 64)).sum().backward()
-    flat = layer.state_dict()
-    nested = {k: v for k, v in flat.items() if not k.startswith("fp8_state.")}
+    flat = {**layer.state_dict(), **tf8.nn.fp8_state_dict(layer)}
+    nested = dict(layer.state_dict())
     nested["fp8_state"] = {"seed_base": layer.fp8_state.seed_base, "calls": 1,
                            "amax_history": {k: v.clone() for k, v in layer.fp8_state.amax_history.items()},
                            "error_saturated": torch.zeros((), dtype=torch.int32)}
-    fresh = tf8.nn.Linear(64, 32, recipe="hybrid_delayed")
-    fresh.load_state_dict(nested)
-    assert fresh.fp8_state.calls == 1 and fresh.fp8_state.seed_base == layer.fp8_state.seed_base
-    assert torch.equal(fresh.fp8_state.amax_history["activation"], layer.fp8_state.amax_history["activation"])
+    for old in (flat, nested):
+        fresh = tf8.nn.Linear(64, 32, recipe="hybrid_delayed")
+        fresh.load_state_dict(old, strict=True)
+        assert fresh.fp8_state.calls == 1 and fresh.fp8_state.seed_base == layer.fp8_state.seed_base
+        assert torch.equal(fresh.fp8_state.amax_history["activation"], layer.fp8_state.amax_history["activation"])
+
+
+@pytest.mark.parametrize("make, shape", [(lambda: tf8.nn.Linear(16, 16), (4, 16)),
+                                         (lambda: tf8.nn.Conv2d(2, 16, 3), (1, 2, 5, 5))])
+def test_double_backward_is_refused_with_what_to_do(make, shape):
+    layer = make()
+    x = torch.randn(*shape, requires_grad=True)
+    (g,) = torch.autograd.grad(layer(x).sum(), x)  # a first derivative works
+    assert g.shape == x.shape
+    with pytest.raises(RuntimeError, match="second derivative through an fp8 .* fp8_autocast\\(enabled=False\\)"):
+        torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+
+
+def test_convert_swaps_every_conv_rank():
+    model = tf8.convert(nn.Sequential(nn.Conv1d(4, 16, 3), nn.Conv2d(4, 16, 3), nn.Conv3d(4, 16, 3),
+                                      nn.ConvTranspose2d(4, 16, 3)), "hybrid", keep=lambda n, m: False)
+    assert [type(m) for m in model] == [tf8.nn.Conv1d, tf8.nn.Conv2d, tf8.nn.Conv3d, nn.ConvTranspose2d]
+    kept = tf8.convert(nn.Sequential(nn.Conv1d(4, 16, 3), nn.Conv2d(4, 16, 3)), "mellempudi2019")
+    assert type(kept[0]) is nn.Conv1d and type(kept[1]) is tf8.nn.Conv2d  # the first conv of any rank is kept
 
 
 def test_clear_errors():

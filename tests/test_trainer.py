@@ -276,7 +276,7 @@ def test_trainer_argument_errors():
 def _resumable(recipe: str, seed: int, through: str = "autocast"):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16))
-    if through == "convert":  # the fp8 state then lives in the modules' state_dict
+    if through == "convert":  # the fp8 state then lives in the modules (Trainer state "fp8_modules")
         tf8.convert(model, recipe)
     # fp16 master weights with stochastic updates for the layers that may run in fp8; the last
     # linear (which mellempudi2019 keeps in high precision, where fp32 inputs meet it) stays fp32.
@@ -303,7 +303,7 @@ def test_resume_through_trainer_state_dict_is_bit_identical(recipe, through, tmp
     path = tmp_path / "trainer.pt"
     torch.save(trainer.state_dict(), path)
     if any(t.scale_source == "delayed" for t in (tf8.get_recipe(recipe).activation, tf8.get_recipe(recipe).weight)):
-        saved = trainer.state_dict()["fp8" if through == "autocast" else "model"]
+        saved = trainer.state_dict()["fp8" if through == "autocast" else "fp8_modules"]
         assert any(k.endswith("amax_history.weight") for k in saved)
     for step in range(3, 6):
         trainer.step(_batch(step))

@@ -1,10 +1,13 @@
 """``fp8_autocast``: run a stock PyTorch model's products in fp8 without editing it, and
 ``convert``: swap modules for explicit fp8 modules.
 
-Inside ``fp8_autocast``, calls of ``F.linear``, ``F.conv2d``,
+Inside ``fp8_autocast``, calls of ``F.linear``, ``F.conv1d/2d/3d``, ``addmm`` /
+``matmul`` / ``mm`` / ``@`` with a parameter on the right (Hugging Face's GPT-2 ``Conv1D``),
 ``F.scaled_dot_product_attention`` and ``F.multi_head_attention_forward``
 (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer`` and decoder layers) are
-seen by one ``torch.overrides.TorchFunctionMode`` and run through the fp8 ops.
+seen by one ``torch.overrides.TorchFunctionMode`` and run through the fp8 ops. Products
+that stay in high precision (transposed convs, ``bmm`` of a parameter, masked attention,
+a parameter on the left of ``matmul``) are seen too and listed in the report with the reason.
 Nothing global is patched: the mode is active only inside the region, on this
 thread, and leaving the region (also by an exception) restores everything.
 
@@ -16,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
+import warnings
 import threading
 import weakref
 from collections import Counter
@@ -29,9 +34,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .nn import functional as F8
+from .nn.modules import Conv1d as FP8Conv1d
 from .nn.modules import Conv2d as FP8Conv2d
+from .nn.modules import Conv3d as FP8Conv3d
 from .nn.modules import Linear as FP8Linear
-from .nn.state import LayerState
+from .nn.state import ROLES, LayerState
 from .recipe import Recipe, get_recipe
 
 _local = threading.local()
@@ -47,13 +54,20 @@ def _stack() -> list:
 
 @dataclass
 class LayerRecord:
-    """One row of the autocast summary: how a layer's calls ran."""
+    """One row of the autocast summary: how a layer's calls ran.
+
+    ``fp8_flops`` / ``high_precision_flops``: forward multiply-adds x 2 of those calls.
+    ``state``: the layer's fp8 state (its cast counts), None for attention and kept layers.
+    """
 
     op: str
     shape: str
     fp8_calls: int = 0
     high_precision_calls: int = 0
     reasons: Counter = field(default_factory=Counter)
+    fp8_flops: float = 0.0
+    high_precision_flops: float = 0.0
+    state: Optional[LayerState] = field(default=None, repr=False, compare=False)
 
 
 class _Region:
@@ -63,17 +77,24 @@ class _Region:
         self.recipe, self.enabled, self.summary, self.names, self.keep = recipe, enabled, summary, names, keep
         self.learn = learn  # learn(module): name its layers and apply the recipe's keep rules
 
-    def record(self, op: str, weight: Optional[torch.Tensor], shape: str, fp8: bool, reason: str = "") -> None:
+    def record(self, op: str, weight: Optional[torch.Tensor], shape: str, fp8: bool, reason: str = "",
+               flops: float = 0.0) -> None:
         name = self.names.get(id(weight), f"{op}{shape}") if weight is not None else f"{op}{shape}"
         row = self.summary.setdefault(name, LayerRecord(op, shape))
         if fp8:
             row.fp8_calls += 1
+            row.fp8_flops += flops
+            if weight is not None and row.state is None:
+                row.state = self.state_for(weight)
         else:
             row.high_precision_calls += 1
+            row.high_precision_flops += flops
             row.reasons[reason] += 1
 
     def state_for(self, weight: torch.Tensor) -> LayerState:
-        return _layer_state(weight, self.recipe)
+        state = _layer_state(weight, self.recipe)
+        state.count_casts()  # what the report's saturated / flushed fractions read
+        return state
 
 
 def _layer_state(weight: torch.Tensor, recipe: Recipe) -> LayerState:
@@ -124,26 +145,96 @@ def _high_precision(func, args, kwargs, x, weight, bias):
 def _linear(region: _Region, func, args, kwargs):
     x, weight, bias = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     n, k = weight.shape if weight.dim() == 2 else (0, 0)
+    return _linear_product(region, "linear", func, args, kwargs, x, weight, weight, bias, f"[{n}x{k}]")[0]
+
+
+def _linear_product(region: _Region, op: str, func, args, kwargs, x, weight, weight_nk, bias, shape: str):
+    """(x [..., K] @ weight_nk^T [K, N] (+ bias [N]) in fp8, True), or (the stock call, False)
+    with the reason recorded. ``weight`` is the parameter the layer's state and name belong to
+    (weight_nk may be its view)."""
+    n, k = weight_nk.shape if weight_nk.dim() == 2 else (0, 0)
     why = _ineligible(region, x, weight, k, n)
-    region.record("linear", weight, f"[{n}x{k}]", not why, why)
+    flops = 2.0 * (x.numel() // max(k, 1)) * n * k if isinstance(x, torch.Tensor) else 0.0
+    region.record(op, weight, shape, not why, why, flops)
     if why:
+        return _high_precision(func, args, kwargs, x, weight, bias), False
+    return F8.linear(x, weight_nk, bias, region.recipe, region.state_for(weight)), True
+
+
+def _is_parameter_matrix(t) -> bool:
+    return isinstance(t, nn.Parameter) and t.dim() == 2
+
+
+def _addmm(region: _Region, func, args, kwargs):
+    """addmm(input, x [M, K], W [K, N]) with a parameter W (GPT-2's Conv1D): input + x @ W in fp8."""
+    bias, x, weight = (_arg(args, kwargs, i, name) for i, name in enumerate(("input", "mat1", "mat2")))
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    if not _is_parameter_matrix(weight):
+        return _not_a_layer(region, "addmm", func, args, kwargs, x, weight)
+    shape = f"[{weight.shape[0]}x{weight.shape[1]}]"
+    if beta != 1 or alpha != 1 or "out" in kwargs or not isinstance(bias, torch.Tensor):
+        region.record("addmm", weight, shape, False, "addmm with beta/alpha/out", _mm_flops(x, weight))
         return _high_precision(func, args, kwargs, x, weight, bias)
-    return F8.linear(x, weight, bias, region.recipe, region.state_for(weight))
+    as_bias = bias if bias.dim() == 1 and bias.shape[0] == weight.shape[1] else None
+    y, fp8 = _linear_product(region, "addmm", func, args, kwargs, x, weight, weight.t(), as_bias, shape)
+    return y + bias if fp8 and as_bias is None else y
 
 
-def _conv2d(region: _Region, func, args, kwargs):
+def _matmul(region: _Region, func, args, kwargs):
+    """matmul / mm / @ of x [..., K] and a parameter W [K, N]: x @ W in fp8 (the parameter on the
+    left, or none, stays high precision: listed when a parameter takes part)."""
+    a = _arg(args, kwargs, 0, "input")
+    b = _arg(args, kwargs, 1, "other" if func in (torch.matmul, torch.Tensor.matmul) else "mat2")
+    if _is_parameter_matrix(b) and isinstance(a, torch.Tensor) and a.dim() >= 1 and "out" not in kwargs:
+        return _linear_product(region, "matmul", func, args, kwargs, a, b, b.t(), None,
+                               f"[{b.shape[0]}x{b.shape[1]}]")[0]
+    return _not_a_layer(region, "matmul", func, args, kwargs, a, b)
+
+
+def _not_a_layer(region: _Region, op: str, func, args, kwargs, a, b):
+    """A product of the region that fp8 does not take: listed when a parameter is an operand."""
+    param = next((t for t in (a, b) if isinstance(t, nn.Parameter)), None)
+    if param is not None:
+        where = "on the left" if param is a else "batched" if param.dim() > 2 else "with this call form"
+        region.record(op, param, "[" + "x".join(map(str, param.shape)) + "]", False,
+                      f"{op} with the parameter {where} (x @ W, addmm and F.linear run in fp8)", _mm_flops(a, b))
+        return _high_precision(func, args, kwargs, a if param is b else b, param, None)
+    return func(*args, **kwargs)
+
+
+def _mm_flops(a, b) -> float:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dim() == 0 or b.dim() == 0:
+        return 0.0
+    k = a.shape[-1]
+    return 2.0 * (a.numel() // max(k, 1)) * k * (b.numel() // max(k, 1))
+
+
+def _conv(region: _Region, func, args, kwargs):
     x, weight, bias = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
     stride = _arg(args, kwargs, 3, "stride", 1)
     padding = _arg(args, kwargs, 4, "padding", 0)
     dilation = _arg(args, kwargs, 5, "dilation", 1)
     groups = _arg(args, kwargs, 6, "groups", 1)
-    o, cg, kh, kw = weight.shape
-    k = cg * kh * kw
-    why = _ineligible(region, x, weight, F8.padded_k(k), o // groups) if x.dim() == 4 else "input is not [B, C, H, W]"
-    region.record("conv2d", weight, f"[{o}x{cg}x{kh}x{kw}]", not why, why)
-    if why:
-        return _high_precision(func, args, kwargs, x, weight, bias)
-    return F8.conv2d(x, weight, bias, stride, padding, dilation, groups, region.recipe, region.state_for(weight))
+    nd = weight.dim() - 2
+    o, cg = weight.shape[:2]
+    k = cg * math.prod(weight.shape[2:])
+    op = f"conv{nd}d"
+    shape = "[" + "x".join(map(str, weight.shape)) + "]"
+    why = (_ineligible(region, x, weight, F8.padded_k(k), o // groups) if x.dim() == nd + 2
+           else f"input is not {F8.CONV_LAYOUTS.get(nd, 'batched')} (unbatched inputs run in high precision)")
+    y = _high_precision(func, args, kwargs, x, weight, bias) if why else F8.conv(
+        x, weight, bias, stride, padding, dilation, groups, region.recipe, region.state_for(weight))
+    region.record(op, weight, shape, not why, why, 2.0 * y.numel() * k)
+    return y
+
+
+def _conv_transpose(region: _Region, func, args, kwargs):
+    x, weight, bias = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    y = _high_precision(func, args, kwargs, x, weight, bias)
+    nd = weight.dim() - 2
+    region.record(f"conv_transpose{nd}d", weight, "[" + "x".join(map(str, weight.shape)) + "]", False,
+                  "transposed convolution (not in fp8)", 2.0 * x.numel() * math.prod(weight.shape[1:]))
+    return y
 
 
 def _attention_impl():
@@ -160,12 +251,15 @@ def _sdpa(region: _Region, func, args, kwargs):
     dropout_p = _arg(args, kwargs, 4, "dropout_p", 0.0)
     is_causal = _arg(args, kwargs, 5, "is_causal", False)
     scale = _arg(args, kwargs, 6, "scale")
-    why = F8.attention_ineligible(q, k, v, attn_mask, dropout_p, kwargs.get("enable_gqa", False), _attention_impl(),
+    enable_gqa = bool(kwargs.get("enable_gqa", False))
+    why = F8.attention_ineligible(q, k, v, attn_mask, dropout_p, enable_gqa, _attention_impl(),
                                   is_causal=bool(is_causal))
-    region.record("attention", None, f"[d={q.shape[-1]}]", not why, why)
+    n_q, n_k = (q.shape[-2], k.shape[-2]) if q.dim() >= 2 and k.dim() >= 2 else (0, 0)
+    flops = 4.0 * (q.numel() // max(q.shape[-1], 1)) * n_k * q.shape[-1] * (0.5 if is_causal and n_q == n_k else 1.0)
+    region.record("attention", None, f"[d={q.shape[-1]}]", not why, why, flops)
     if why:
         return func(*args, **kwargs)
-    return _attention_impl()(q, k, v, causal=bool(is_causal), scale=scale)
+    return _attention_impl()(q, k, v, causal=bool(is_causal), scale=scale, attn_mask=attn_mask, enable_gqa=enable_gqa)
 
 
 def _mha(region: _Region, func, args, kwargs):
@@ -177,7 +271,11 @@ def _mha(region: _Region, func, args, kwargs):
     if not why:
         e = bound["embed_dim_to_check"]
         why = _ineligible(region, bound["query"], bound["out_proj_weight"], e, e)
-    region.record("multi_head_attention", bound.get("out_proj_weight"), f"[e={bound['embed_dim_to_check']}]", not why, why)
+    q, e = bound["query"], bound["embed_dim_to_check"]
+    tokens = q.numel() // max(e, 1)
+    n_k = bound["key"].shape[0]
+    flops = 2.0 * tokens * e * 4 * e + 4.0 * tokens * n_k * e  # projections + attention
+    region.record("multi_head_attention", bound.get("out_proj_weight"), f"[e={e}]", not why, why, flops)
     if why:
         return func(*args, **kwargs)
 
@@ -189,8 +287,12 @@ def _mha(region: _Region, func, args, kwargs):
 
 _HANDLERS: dict[Callable, Callable] = {
     F.linear: _linear,
-    F.conv2d: _conv2d,
-    torch.conv2d: _conv2d,
+    torch.addmm: _addmm, torch.Tensor.addmm: _addmm,
+    torch.matmul: _matmul, torch.Tensor.matmul: _matmul, torch.mm: _matmul, torch.Tensor.mm: _matmul,
+    torch.bmm: _matmul, torch.Tensor.bmm: _matmul,
+    torch.conv1d: _conv, torch.conv2d: _conv, torch.conv3d: _conv,
+    torch.conv_transpose1d: _conv_transpose, torch.conv_transpose2d: _conv_transpose,
+    torch.conv_transpose3d: _conv_transpose,
     F.scaled_dot_product_attention: _sdpa,
     F.multi_head_attention_forward: _mha,
 }
@@ -270,6 +372,8 @@ class fp8_autocast(contextlib.ContextDecorator):
         self._keep: set[int] = set()
         self._watched: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
         self._entered: list = []
+        self._warned: set = set()
+        self._exits = 0
 
     # -- context manager ----------------------------------------------------
     def __enter__(self):
@@ -296,6 +400,12 @@ class fp8_autocast(contextlib.ContextDecorator):
                 mode.__exit__(*exc)
         finally:
             _stack().pop()
+        if mode is not None and exc[0] is None:
+            self._exits += 1
+            # Check the cast counts at exits 1, 2, 4, ..., 512, then every 1024th: the warnings of
+            # cast_fractions come by themselves, for a host read at log-spaced steps only.
+            if (self._exits & (self._exits - 1)) == 0 and self._exits <= 512 or self._exits % 1024 == 0:
+                self.cast_fractions()
         return False
 
     # -- decorator ----------------------------------------------------------
@@ -383,18 +493,74 @@ class fp8_autocast(contextlib.ContextDecorator):
         self.watch(module)
 
     def summary(self) -> dict[str, LayerRecord]:
+        """{layer name (or op and shape): LayerRecord} of every product seen so far."""
         return dict(self._summary)
 
-    def fp8_fraction(self) -> float:
-        fp8 = sum(r.fp8_calls for r in self._summary.values())
-        total = fp8 + sum(r.high_precision_calls for r in self._summary.values())
-        return fp8 / total if total else 0.0
+    def fp8_fraction(self, by: str = "calls") -> float:
+        """The share of the region's products that ran in fp8, counted by ``"calls"`` or
+        weighted by their forward ``"flops"`` (a few large layers in high precision weigh more)."""
+        if by not in ("calls", "flops"):
+            raise ValueError(f"fp8_fraction(by={by!r}): use 'calls' or 'flops'")
+        rows = self._summary.values()
+        if by == "calls":
+            fp8, high = sum(r.fp8_calls for r in rows), sum(r.high_precision_calls for r in rows)
+        else:
+            fp8, high = sum(r.fp8_flops for r in rows), sum(r.high_precision_flops for r in rows)
+        return fp8 / (fp8 + high) if fp8 + high else 0.0
+
+    def cast_fractions(self) -> dict[str, dict[str, dict[str, float]]]:
+        """{layer: {role: {"values", "flushed", "saturated"}}}: per cast role of each fp8 layer
+        (activation, weight, error, weight_grad), the values cast and the fractions of its nonzero
+        values that flushed to zero and that saturated (one host read for all layers). Warns once
+        per layer and role where more than half did (see ``MOSTLY``); leaving a region checks this
+        by itself at its 1st, 2nd, 4th, ... 512th exit and every 1024th after."""
+        rows = [(name, r.state) for name, r in self._summary.items()
+                if r.state is not None and r.state.cast_counts is not None]
+        if not rows:
+            return {}
+        counts = torch.stack([state.cast_counts.cpu() for _, state in rows]).tolist()
+        fractions = {}
+        for (name, state), per_role in zip(rows, counts):
+            layer = fractions[name] = {}
+            for role, values, (nonzero, flushed, saturated) in zip(ROLES, state.cast_values, per_role):
+                if not values:
+                    continue
+                layer[role] = {"values": values, "flushed": flushed / nonzero if nonzero else 0.0,
+                               "saturated": saturated / nonzero if nonzero else 0.0}
+                self._warn_if_mostly_lost(name, role, layer[role])
+        return fractions
+
+    MOSTLY = 0.5  # the fraction of a cast's nonzero values lost (flushed or saturated) that warns
+
+    def _warn_if_mostly_lost(self, name: str, role: str, f: dict) -> None:
+        for kind, what, fix in (("saturated", "saturated at the format's largest value",
+                                 "use a recipe with scaling (e.g. 'hybrid')"),
+                                ("flushed", "flushed to zero", "use a recipe with scaling (e.g. 'hybrid') "
+                                 "or loss scaling for errors")):
+            if f[kind] > self.MOSTLY and (name, role, kind) not in self._warned:
+                self._warned.add((name, role, kind))
+                warnings.warn(f"fp8 layer {name!r}: {100 * f[kind]:.0f}% of its nonzero {role} values {what} "
+                              f"under recipe {self.recipe.name!r}; its outputs are mostly lost. {fix[0].upper()}"
+                              f"{fix[1:]}, or keep the layer in high precision", RuntimeWarning, stacklevel=4)
 
     def report(self) -> str:
-        lines = [f"{'layer':<40} {'op':<22} {'fp8':>5} {'high':>5}  reasons"]
+        """A table of every product seen: fp8 / high-precision calls with the reasons, and per fp8
+        layer the share of values flushed to zero / saturated in its casts (worst role); rows
+        where more than half were lost are flagged with '!'."""
+        fractions = self.cast_fractions()
+        w = max([39] + [len(name) for name in self._summary])
+        lines = [f" {'layer':<{w}} {'op':<22} {'fp8':>5} {'high':>5} {'flushed':>8} {'saturated':>9}  reasons"]
         for name, r in self._summary.items():
+            roles = fractions.get(name, {})
+            flushed = max((f["flushed"] for f in roles.values()), default=None)
+            saturated = max((f["saturated"] for f in roles.values()), default=None)
+            flag = "!" if max(flushed or 0.0, saturated or 0.0) > self.MOSTLY else " "
+            pct = lambda v: "" if v is None else f"{100 * v:.1f}%"  # noqa: E731
             reasons = "; ".join(f"{k} (x{v})" for k, v in r.reasons.items())
-            lines.append(f"{name:<40} {r.op:<22} {r.fp8_calls:>5} {r.high_precision_calls:>5}  {reasons}")
+            lines.append(f"{flag}{name:<{w}} {r.op:<22} {r.fp8_calls:>5} {r.high_precision_calls:>5} "
+                         f"{pct(flushed):>8} {pct(saturated):>9}  {reasons}")
+        lines.append(f"fp8 share: {100 * self.fp8_fraction():.1f}% of calls, "
+                     f"{100 * self.fp8_fraction('flops'):.1f}% of forward FLOPs")
         return "\n".join(lines)
 
 
@@ -404,11 +570,14 @@ def _prefixes(key: str):
     return (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
 
 
+_FP8_CONVS = {nn.Conv1d: FP8Conv1d, nn.Conv2d: FP8Conv2d, nn.Conv3d: FP8Conv3d}
+
+
 def kept_modules(model: nn.Module, recipe: Recipe) -> list[nn.Module]:
-    """The modules the recipe keeps in high precision: the first Conv2d and/or the last Linear."""
+    """The modules the recipe keeps in high precision: the first Conv1d/2d/3d and/or the last Linear."""
     kept = []
     if recipe.keep_first_conv:
-        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        convs = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
         kept += convs[:1]
     if recipe.keep_last_linear:
         linears = [m for m in model.modules() if isinstance(m, nn.Linear) and not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear)]
@@ -417,10 +586,11 @@ def kept_modules(model: nn.Module, recipe: Recipe) -> list[nn.Module]:
 
 
 def convert(model: nn.Module, recipe="hybrid", keep: Optional[Callable[[str, nn.Module], bool]] = None) -> nn.Module:
-    """Swap every nn.Linear / nn.Conv2d of ``model`` (in place) for tf8.nn.Linear / Conv2d.
+    """Swap every nn.Linear / nn.Conv1d / Conv2d / Conv3d of ``model`` (in place) for the tf8.nn modules.
 
-    The new modules share the old parameters; their fp8 state (amax histories, seeds)
-    is saved in ``state_dict``. ``keep(name, module) -> True`` leaves a module in high
+    The new modules share the old parameters and the model's ``state_dict`` keeps its
+    stock keys; their fp8 state (amax histories, seeds) is saved by
+    :func:`tf8.nn.fp8_state_dict` (and in ``tf8.Trainer.state_dict``). ``keep(name, module) -> True`` leaves a module in high
     precision; by default the recipe's rules apply (``mellempudi2019`` keeps the first
     conv and the last linear). Linear layers inside nn.MultiheadAttention are left alone
     (they are used through F.multi_head_attention_forward; use fp8_autocast for them).
@@ -435,13 +605,13 @@ def convert(model: nn.Module, recipe="hybrid", keep: Optional[Callable[[str, nn.
             continue
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if isinstance(child, (FP8Linear, FP8Conv2d)):
+            if isinstance(child, (FP8Linear, FP8Conv1d, FP8Conv2d, FP8Conv3d)):
                 continue
             kept = keep(name, child) if keep is not None else id(child) in default_kept
             if kept:
                 continue
             if type(child) is nn.Linear:
                 setattr(parent, child_name, FP8Linear.from_float(child, recipe))
-            elif type(child) is nn.Conv2d:
-                setattr(parent, child_name, FP8Conv2d.from_float(child, recipe))
+            elif type(child) in _FP8_CONVS:
+                setattr(parent, child_name, _FP8_CONVS[type(child)].from_float(child, recipe))
     return model

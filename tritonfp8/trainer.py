@@ -269,17 +269,24 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything a bit-identical resume needs: ``model``, ``optimizer``, ``scaler`` (or
         None), ``fp8`` (the autocast region's per-layer state: seeds, call counters, amax
-        histories; {} without a recipe) and ``steps``. Every leaf is a tensor or a number."""
+        histories; {} without a recipe), ``fp8_modules`` (the same for tf8.nn modules, e.g.
+        from ``tf8.convert``: :func:`tf8.nn.fp8_state_dict`) and ``steps``. Every leaf is a
+        tensor or a number."""
+        from .nn.modules import fp8_state_dict
+
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "fp8": self.autocast.state_dict(self.model) if self.autocast is not None else {},
+            "fp8_modules": fp8_state_dict(self.model),
             "steps": self.steps,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` into a Trainer built the same way (model, optimizer, recipe, scaler)."""
+        from .nn.modules import load_fp8_state_dict
+
         missing = {"model", "optimizer", "scaler", "fp8", "steps"} - set(state)
         if missing:
             raise KeyError(f"trainer state lacks {sorted(missing)}; pass a dict from Trainer.state_dict()")
@@ -295,6 +302,9 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         if self.autocast is not None:
             self.autocast.load_state_dict(state["fp8"], self.model)
+        # Saves of earlier versions hold the modules' fp8 state in "model" (restored above).
+        if "fp8_modules" in state:
+            load_fp8_state_dict(self.model, state["fp8_modules"])
         self.steps = int(state["steps"])
 
     # -- introspection ---------------------------------------------------------------

@@ -1,15 +1,19 @@
-"""FP8 functional ops with autograd: linear (all three products in fp8), conv2d as GEMM.
+"""FP8 functional ops with autograd: linear (all three products in fp8), conv1d / conv2d /
+conv3d as GEMMs, attention (with SDPA's masks and grouped-query heads).
 
 The modules in :mod:`tritonfp8.nn` and :func:`tritonfp8.fp8_autocast` call these.
 """
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from .._autograd import refuse_double_backward
 from ..ops.matmul import scaled_mm, transpose_view
 from ..recipe import Recipe, get_recipe
 from ..trainer import current_error_stats
@@ -72,7 +76,7 @@ def _recast_weight(state: LayerState, weight: torch.Tensor, recipe: Recipe, seed
     its version), so the codes are the forward's: the backward recasts W instead of keeping an
     fp8 copy alive between forward and backward."""
     return state.quantize(weight, "weight", recipe.weight, transpose=True, seed=seed,
-                          delayed_scale=delayed_scale).transposed
+                          delayed_scale=delayed_scale, recast=True).transposed
 
 
 def _delayed_scale(q: FP8Tensor, recipe: Recipe) -> Optional[torch.Tensor]:
@@ -120,6 +124,7 @@ class _FP8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward("linear")
         recipe, state = ctx.recipe, ctx.state
         saved = list(ctx.saved_tensors)
         x_t = FP8Tensor(saved.pop(0), saved.pop(0), *ctx.x_t_meta) if ctx.x_t_meta else None
@@ -169,58 +174,101 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return _FP8LinearFunction.apply(x, weight, bias, recipe, state)
 
 
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
+def _tuple(v, nd: int) -> tuple:
+    return (v,) * nd if isinstance(v, int) else tuple(v)
 
 
-def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1, padding=0,
-           dilation=1, groups: int = 1, recipe="hybrid", state: Optional[LayerState] = None) -> torch.Tensor:
-    """FP8 ``F.conv2d`` as a GEMM (im2col): x [B, C, H, W], weight [O, C/groups, kh, kw] -> [B, O, Ho, Wo].
+CONV_LAYOUTS = {1: "[B, C, L]", 2: "[B, C, H, W]", 3: "[B, C, D, H, W]"}
 
-    The patches ``unfold(x)`` [B*L, C*kh*kw] (per group) are multiplied by the
-    weight [O, C*kh*kw] through :func:`linear`, so forward, input gradient (before
-    ``fold``) and weight gradient are all fp8 products.
-    """
-    recipe = get_recipe(recipe)
-    check_fp8_inputs(x, weight, "conv2d")
-    if x.dim() != 4 or weight.dim() != 4:
-        raise ValueError(f"conv2d takes x [B, C, H, W] and weight [O, C/groups, kh, kw], got {tuple(x.shape)} and {tuple(weight.shape)}")
-    b, c, h, w = x.shape
-    o, cg, kh, kw = weight.shape
-    if c != cg * groups or o % groups:
-        raise ValueError(f"conv2d: {c} input channels and weight {tuple(weight.shape)} do not fit groups={groups}")
-    stride, dilation = _pair(stride), _pair(dilation)
+
+def conv_padding(padding, kernel: tuple, dilation: tuple, what: str) -> tuple[tuple, tuple]:
+    """(symmetric padding per dim, extra right padding per dim) of an int / tuple / 'valid' / 'same'.
+
+    'same' pads d*(k-1) in total per dim, the odd one on the right as torch does, so even
+    kernels work."""
+    nd = len(kernel)
     if isinstance(padding, str):
         if padding == "valid":
-            padding = (0, 0)
-        elif padding == "same":
-            padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, (kh, kw)))
-            if any((d * (k - 1)) % 2 for d, k in zip(dilation, (kh, kw))):
-                raise ValueError("conv2d padding='same' with an even effective kernel size is not supported; pad explicitly")
-        else:
-            raise ValueError(f"conv2d padding {padding!r}: use an int, a pair, 'valid' or 'same'")
-    padding = _pair(padding)
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+            return (0,) * nd, (0,) * nd
+        if padding == "same":
+            total = tuple(d * (k - 1) for d, k in zip(dilation, kernel))
+            return tuple(t // 2 for t in total), tuple(t % 2 for t in total)
+        raise ValueError(f"{what} padding {padding!r}: use an int, a tuple of {nd}, 'valid' or 'same'")
+    padding = _tuple(padding, nd)
+    if len(padding) != nd or any(p < 0 for p in padding):
+        raise ValueError(f"{what} padding {padding}: use {nd} non-negative ints")
+    return padding, (0,) * nd
+
+
+def conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, stride=1, padding=0,
+         dilation=1, groups: int = 1, recipe="hybrid", state: Optional[LayerState] = None) -> torch.Tensor:
+    """FP8 ``F.conv1d`` / ``conv2d`` / ``conv3d`` as a GEMM (im2col), by the weight's rank:
+    x [B, C, *S] and weight [O, C/groups, *k] with 1 to 3 spatial dims S -> [B, O, *S_out].
+
+    The patches [B*prod(S_out), C*prod(k)] (per group) are multiplied by the weight
+    [O, C*prod(k)], so forward, input gradient (before the col2im sum) and weight gradient
+    are all fp8 products. padding: int, tuple, 'valid' or 'same' (even kernels too).
+    """
+    recipe = get_recipe(recipe)
+    nd = weight.dim() - 2
+    what = f"conv{nd}d"
+    check_fp8_inputs(x, weight, what)
+    if nd not in CONV_LAYOUTS or x.dim() != nd + 2:
+        raise ValueError(f"fp8 conv takes x [B, C, *spatial] and weight [O, C/groups, *kernel] with 1 to 3 spatial "
+                         f"dims, got {tuple(x.shape)} and {tuple(weight.shape)} (an unbatched input: unsqueeze(0))")
+    b, c = x.shape[:2]
+    o, cg = weight.shape[:2]
+    kernel = tuple(weight.shape[2:])
+    if c != cg * groups or o % groups:
+        raise ValueError(f"{what}: {c} input channels and weight {tuple(weight.shape)} do not fit groups={groups}")
+    stride, dilation = _tuple(stride, nd), _tuple(dilation, nd)
+    padding, extra = conv_padding(padding, kernel, dilation, what)
+    if any(extra):  # even effective kernel with 'same': the odd pad on the right (code 0 is +0.0)
+        x = F.pad(x, [p for e in reversed(extra) for p in (0, e)])
+    spatial = tuple(x.shape[2:])
+    out = tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                for n, p, d, k, s in zip(spatial, padding, dilation, kernel, stride))
+    if any(n <= 0 for n in out):
+        raise ValueError(f"{what}: input {tuple(x.shape)} is smaller than the (dilated) kernel {kernel} after padding")
     state = state if state is not None else LayerState(recipe, x.device)
+    geometry = _ConvGeometry(kernel, stride, padding, dilation, groups, out)
     if _codes_commute_with_im2col(recipe):
-        geometry = _ConvGeometry((kh, kw), stride, padding, dilation, groups, (ho, wo))
-        return _FP8Conv2dFunction.apply(x, weight, bias, geometry, recipe, state)
-    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, C*kh*kw, L]
-    cols = cols.transpose(1, 2)  # [B, L, C*kh*kw], channel-major patches as weight.reshape(O, -1)
-    og = o // groups
-    k = cg * kh * kw
-    pad = padded_k(k) - k
+        return _FP8ConvFunction.apply(x, weight, bias, geometry, recipe, state)
+    cols = _im2col(x, geometry)  # [B*L, C*prod(k)], channel-major patches as weight.reshape(O, -1)
+    og, k = o // groups, cg * math.prod(kernel)
     outs = []
     for g in range(groups):
         cols_g = cols[..., g * k:(g + 1) * k]
-        w_g = weight[g * og:(g + 1) * og].reshape(og, k)
-        if pad:  # zero columns add nothing to the product
-            cols_g, w_g = F.pad(cols_g, (0, pad)), F.pad(w_g, (0, pad))
+        if padded_k(k) > k:  # zero columns add nothing to the product
+            cols_g = F.pad(cols_g, (0, padded_k(k) - k))
         b_g = None if bias is None else bias[g * og:(g + 1) * og]
-        outs.append(linear(cols_g, w_g, b_g, recipe, state))
-    y = outs[0] if groups == 1 else torch.cat(outs, dim=-1)  # [B, L, O]
-    return y.transpose(1, 2).reshape(b, o, ho, wo)
+        outs.append(linear(cols_g, _group_weight(weight, g, groups, padded_k(k)), b_g, recipe, state))
+    y = outs[0] if groups == 1 else torch.cat(outs, dim=-1)  # [B*L, O]
+    return _channels_first(y, b, out)
+
+
+def conv1d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1, recipe="hybrid", state=None):
+    """FP8 ``F.conv1d``: x [B, C, L], weight [O, C/groups, k] -> [B, O, L_out] (see :func:`conv`)."""
+    _check_rank(weight, 1)
+    return conv(x, weight, bias, stride, padding, dilation, groups, recipe, state)
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1, recipe="hybrid", state=None):
+    """FP8 ``F.conv2d``: x [B, C, H, W], weight [O, C/groups, kh, kw] -> [B, O, Ho, Wo] (see :func:`conv`)."""
+    _check_rank(weight, 2)
+    return conv(x, weight, bias, stride, padding, dilation, groups, recipe, state)
+
+
+def conv3d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups: int = 1, recipe="hybrid", state=None):
+    """FP8 ``F.conv3d``: x [B, C, D, H, W], weight [O, C/groups, kd, kh, kw] -> [B, O, Do, Ho, Wo] (see :func:`conv`)."""
+    _check_rank(weight, 3)
+    return conv(x, weight, bias, stride, padding, dilation, groups, recipe, state)
+
+
+def _check_rank(weight: torch.Tensor, nd: int) -> None:
+    if weight.dim() != nd + 2:
+        raise ValueError(f"conv{nd}d takes a weight [O, C/groups, {', '.join('k' * nd)}] ({nd + 2} dims), "
+                         f"got {tuple(weight.shape)}")
 
 
 def padded_k(k: int) -> int:
@@ -246,48 +294,93 @@ class _ConvGeometry:
     padding: tuple
     dilation: tuple
     groups: int
-    out_hw: tuple
+    out: tuple  # output spatial sizes
+
+
+def _patches(x: torch.Tensor, g: _ConvGeometry) -> torch.Tensor:
+    """x [B, C, *S] -> a strided view [B, *S_out, C, *k] of its zero-padded copy (no data copied twice)."""
+    x = F.pad(x, [p for pad in reversed(g.padding) for p in (pad, pad)])
+    s_b, s_c, *s_sp = x.stride()
+    shape = (x.shape[0], *g.out, x.shape[1], *g.kernel)
+    strides = (s_b, *(s * st for s, st in zip(s_sp, g.stride)), s_c, *(s * d for s, d in zip(s_sp, g.dilation)))
+    return x.as_strided(shape, strides)
+
+
+def _im2col(x: torch.Tensor, g: _ConvGeometry) -> torch.Tensor:
+    """Float x [B, C, *S] -> patches [B*prod(S_out), C*prod(k)] with autograd (Tensor.unfold per dim)."""
+    nd = len(g.kernel)
+    x = F.pad(x, [p for pad in reversed(g.padding) for p in (pad, pad)])
+    for i, (k, s, d) in enumerate(zip(g.kernel, g.stride, g.dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)  # windows of the dilated extent, last dim
+    if any(d > 1 for d in g.dilation):
+        x = x[(Ellipsis, *(slice(None, None, d) for d in g.dilation))]
+    # [B, C, *S_out, *k] -> [B, *S_out, C, *k]
+    x = x.permute(0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))
+    return x.reshape(x.shape[0] * math.prod(g.out), -1)
+
+
+def _col2im(cols: torch.Tensor, spatial: tuple, g: _ConvGeometry) -> torch.Tensor:
+    """The adjoint of im2col: cols [B*prod(S_out), C*prod(k)] -> x-gradient [B, C, *S] (sums the overlaps)."""
+    nd = len(g.kernel)
+    if nd == 2:  # F.fold: one fused kernel
+        b = cols.shape[0] // math.prod(g.out)
+        cols = cols.reshape(b, math.prod(g.out), -1).transpose(1, 2)
+        return F.fold(cols, spatial, g.kernel, dilation=g.dilation, padding=g.padding, stride=g.stride)
+    b = cols.shape[0] // math.prod(g.out)
+    c = cols.shape[1] // math.prod(g.kernel)
+    cols = cols.reshape(b, *g.out, c, *g.kernel)
+    padded = [n + 2 * p for n, p in zip(spatial, g.padding)]
+    dx = cols.new_zeros(b, c, *padded)
+    to_channels_first = (0, nd + 1, *range(1, nd + 1))
+    for offset in itertools.product(*(range(k) for k in g.kernel)):  # one strided add per kernel tap
+        window = tuple(slice(i * d, i * d + s * (n - 1) + 1, s)
+                       for i, d, s, n in zip(offset, g.dilation, g.stride, g.out))
+        dx[(slice(None), slice(None), *window)] += cols[(Ellipsis, *offset)].permute(to_channels_first)
+    return dx[(slice(None), slice(None), *(slice(p, p + n) for p, n in zip(g.padding, spatial)))]
+
+
+def _channels_first(y: torch.Tensor, b: int, out: tuple) -> torch.Tensor:
+    """GEMM output [B*prod(S_out), O] -> [B, O, *S_out] (contiguous)."""
+    nd = len(out)
+    return y.reshape(b, *out, y.shape[-1]).permute(0, nd + 1, *range(1, nd + 1)).contiguous()
 
 
 def _im2col_codes(codes: torch.Tensor, g: _ConvGeometry, k_padded: int) -> torch.Tensor:
-    """fp8 codes x [B, C, H, W] -> patches [B*Ho*Wo, k_padded] (channel-major, as weight.reshape(O, -1)), a copy."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo) = g.kernel, g.stride, g.padding, g.dilation, g.out_hw
-    u8 = F.pad(codes.view(torch.uint8), (pw, pw, ph, ph))  # code 0 is +0.0 in both formats
-    b, c = u8.shape[:2]
-    s_b, s_c, s_h, s_w = u8.stride()
-    patches = u8.as_strided((b, ho, wo, c, kh, kw), (s_b, s_h * sh, s_w * sw, s_c, s_h * dh, s_w * dw))
-    cols = patches.reshape(b * ho * wo, c * kh * kw)
+    """fp8 codes x [B, C, *S] -> patches [B*prod(S_out), k_padded] (channel-major, as weight.reshape(O, -1)), a copy."""
+    u8 = _patches(codes.view(torch.uint8), g)  # code 0 is +0.0 in both formats
+    cols = u8.reshape(u8.shape[0] * math.prod(g.out), -1)
     if k_padded > cols.shape[1]:  # zero columns add nothing to the product
         cols = F.pad(cols, (0, k_padded - cols.shape[1]))
     return cols.view(codes.dtype)
 
 
 def _group_weight(weight: torch.Tensor, group: int, groups: int, k_padded: int) -> torch.Tensor:
-    """Group ``group``'s filters of weight [O, C/groups, kh, kw] as a [O/groups, k_padded] matrix (zero-padded K)."""
+    """Group ``group``'s filters of weight [O, C/groups, *k] as a [O/groups, k_padded] matrix (zero-padded K)."""
     og = weight.shape[0] // groups
     w_g = weight[group * og:(group + 1) * og].reshape(og, -1)
     return F.pad(w_g, (0, k_padded - w_g.shape[1]))
 
 
-class _FP8Conv2dFunction(torch.autograd.Function):
-    """conv2d as GEMMs on the im2col of the fp8 input (all three products in fp8).
+class _FP8ConvFunction(torch.autograd.Function):
+    """conv1d/2d/3d as GEMMs on the im2col of the fp8 input (all three products in fp8).
 
-    Saved for backward: the fp8 codes of x [B, C, H, W] and its scale (the patch matrix is
-    rebuilt from them, 1/kh*kw of its size), and the weight itself (recast in backward as
+    Saved for backward: the fp8 codes of x [B, C, *S] and its scale (the patch matrix is
+    rebuilt from them, 1/prod(k) of its size), and the weight itself (recast in backward as
     :class:`_FP8LinearFunction` does).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, geometry: _ConvGeometry, recipe: Recipe, state: LayerState):
-        b, c, h, w = x.shape
+        b, c = x.shape[:2]
         o = weight.shape[0]
         groups = geometry.groups
         cg, og = c // groups, o // groups
-        k = weight.shape[1] * weight.shape[2] * weight.shape[3]
+        k = math.prod(weight.shape[1:])
         kp = padded_k(k)
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        x_q = state.quantize(x.reshape(-1, w), "activation", recipe.activation, transpose=False)
-        codes = x_q.data.reshape(b, c, h, w)
+        need_dx = ctx.needs_input_grad[0]
+        need_dw = ctx.needs_input_grad[1]
+        x_q = state.quantize(x.reshape(-1, x.shape[-1]), "activation", recipe.activation, transpose=False)
+        codes = x_q.data.reshape(x.shape)
         out_dtype = _output_dtype(x)
         outs, delayed = [], []
         ctx.weight_seed = state.seed("weight")
@@ -312,14 +405,15 @@ class _FP8Conv2dFunction(torch.autograd.Function):
             saved += [weight] + delayed
         ctx.save_for_backward(*saved)
         state.calls += 1
-        ho, wo = geometry.out_hw
-        return y.reshape(b, ho, wo, o).permute(0, 3, 1, 2).contiguous()
+        return _channels_first(y, b, geometry.out)
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward("conv")
         g, recipe, state = ctx.geometry, ctx.recipe, ctx.state
-        b, c, h, w = ctx.x_shape
+        c = ctx.x_shape[1]
         o = ctx.w_shape[0]
+        nd = len(g.kernel)
         cg, og, k = c // g.groups, o // g.groups, ctx.k
         kp = padded_k(k)
         saved = list(ctx.saved_tensors)
@@ -330,7 +424,7 @@ class _FP8Conv2dFunction(torch.autograd.Function):
             weight, delayed = saved[0], saved[1:]
             w_ts = [_recast_weight(state, _group_weight(weight, gi, g.groups, kp), recipe, ctx.weight_seed + gi,
                                    delayed[gi] if delayed else None) for gi in range(g.groups)]
-        dy2d = dy.permute(0, 2, 3, 1).reshape(-1, o)  # [B*L, O]
+        dy2d = dy.permute(0, *range(2, nd + 2), 1).reshape(-1, o)  # [B*L, O]
         dx_cols, dws = [], []
         for gi in range(g.groups):
             dy_q = _quantize_error(state, recipe, dy2d[:, gi * og:(gi + 1) * og], need_dw, ctx.error_seed + gi)
@@ -343,9 +437,8 @@ class _FP8Conv2dFunction(torch.autograd.Function):
                 dws.append(_weight_grad(dy_q, x_t, recipe, ctx.wgrad_seed + gi, ctx.w_dtype)[:, :k])
         dx = dw = db = None
         if dx_cols:
-            cols = torch.cat(dx_cols, dim=-1) if g.groups > 1 else dx_cols[0]  # [B*L, C*kh*kw]
-            cols = cols.reshape(b, -1, c * g.kernel[0] * g.kernel[1]).transpose(1, 2)
-            dx = F.fold(cols, (h, w), g.kernel, dilation=g.dilation, padding=g.padding, stride=g.stride)
+            cols = torch.cat(dx_cols, dim=-1) if g.groups > 1 else dx_cols[0]  # [B*L, C*prod(k)]
+            dx = _col2im(cols, tuple(ctx.x_shape[2:]), g)
         if dws:
             dw = torch.cat(dws, dim=0).reshape(ctx.w_shape)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -368,18 +461,23 @@ def attention_ineligible(q, k, v, attn_mask, dropout_p, enable_gqa, attention_im
     """Why ``scaled_dot_product_attention(q, k, v, ...)`` cannot use the fp8 op ('' when it can)."""
     if attention_impl is None:
         return "fp8 attention op unavailable"
-    if attn_mask is not None:
-        return "attn_mask (only is_causal masking runs in fp8)"
     if dropout_p:
         return "attention dropout"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return "inputs are not [B, H, N, D]"
-    if enable_gqa or q.shape[1] != k.shape[1]:
-        return "grouped-query attention"
+    if q.shape[1] != k.shape[1] and not (enable_gqa and k.shape[1] and q.shape[1] % k.shape[1] == 0):
+        return "key / value heads that do not divide the query heads with enable_gqa"
     if q.shape[-1] not in _supported_head_dims(attention_impl) or v.shape[-1] != q.shape[-1]:
         return f"head dim {q.shape[-1]} (fp8 attention takes {_supported_head_dims(attention_impl)})"
     if is_causal and q.shape[2] != k.shape[2]:
         return "causal with N_q != N_k"
+    if attn_mask is not None:
+        if is_causal:
+            return "attn_mask with is_causal"
+        if not isinstance(attn_mask, torch.Tensor) or not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+            return "attn_mask that is not a bool or float tensor"
+        if attn_mask.requires_grad:
+            return "attn_mask that requires grad (a learned bias, e.g. T5's)"
     for t in (q, k, v):
         if t.dtype not in SUPPORTED_DTYPES:
             return f"dtype {t.dtype}"
@@ -404,8 +502,8 @@ def mha_ineligible(a: dict, attention_impl) -> str:
         return "fp8 attention op unavailable"
     if a.get("need_weights", True):
         return "need_weights=True (attention weights are not materialized in fp8)"
-    for key, what in (("key_padding_mask", "key_padding_mask"), ("bias_k", "bias_k/bias_v"),
-                      ("static_k", "static_k/static_v"), ("static_v", "static_k/static_v")):
+    for key, what in (("bias_k", "bias_k/bias_v"), ("static_k", "static_k/static_v"),
+                      ("static_v", "static_k/static_v")):
         if a.get(key) is not None:
             return what
     if a.get("add_zero_attn", False):
@@ -414,16 +512,36 @@ def mha_ineligible(a: dict, attention_impl) -> str:
         return "separate q/k/v projection weights"
     if a.get("dropout_p", 0.0) and a.get("training", True):
         return "attention dropout"
-    q = a["query"]
-    n = q.shape[0]
-    if a.get("attn_mask") is not None and not causal_mask_kind(a["attn_mask"], n):
-        return "attn_mask that is not the causal mask"
     if a.get("is_causal", False) and a.get("attn_mask") is None:
         return "is_causal without a mask"
+    for key in ("attn_mask", "key_padding_mask"):
+        m = a.get(key)
+        if m is not None and not (isinstance(m, torch.Tensor) and (m.dtype == torch.bool or m.is_floating_point())):
+            return f"{key} that is not a bool or float tensor"
+        if m is not None and m.requires_grad:
+            return f"{key} that requires grad"
     head_dim = a["embed_dim_to_check"] // a["num_heads"]
     if head_dim not in _supported_head_dims(attention_impl):
         return f"head dim {head_dim} (fp8 attention takes {_supported_head_dims(attention_impl)})"
     return ""
+
+
+def _mha_sdpa_mask(a: dict, b: int, h: int, n_q: int, n_k: int, unbatched: bool):
+    """(causal, SDPA mask or None) of multi_head_attention_forward's attn_mask [L, S] / [B*H, L, S]
+    and key_padding_mask [B, S], whose bool True means *masked* (SDPA's True attends)."""
+    attn_mask, padding = a.get("attn_mask"), a.get("key_padding_mask")
+    if attn_mask is not None and padding is None and attn_mask.dim() == 2 and causal_mask_kind(attn_mask, n_q):
+        return True, None
+    parts = []
+    if attn_mask is not None:
+        parts.append(attn_mask.reshape(b, h, n_q, n_k) if attn_mask.dim() == 3 else attn_mask)
+    if padding is not None:
+        parts.append((padding.unsqueeze(0) if unbatched else padding)[:, None, None, :])
+    if not parts:
+        return False, None
+    additive = [torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(m, -math.inf)
+                if m.dtype == torch.bool else m.float() for m in parts]
+    return False, additive[0] if len(additive) == 1 else additive[0] + additive[1]
 
 
 def multi_head_attention(a: dict, lin, attention_impl):
@@ -448,16 +566,18 @@ def multi_head_attention(a: dict, lin, attention_impl):
     def heads(t):  # [L, B, E] -> [B, H, L, E/H]
         return t.reshape(t.shape[0], t.shape[1], h, e // h).permute(1, 2, 0, 3)
 
-    causal = a.get("attn_mask") is not None  # mha_ineligible admitted only the causal mask
-    o = attention_impl(heads(q), heads(k), heads(v), causal=causal)
+    causal, mask = _mha_sdpa_mask(a, query.shape[1], h, q.shape[0], k.shape[0], unbatched)
+    o = attention_impl(heads(q), heads(k), heads(v), causal=causal, attn_mask=mask)
     o = o.permute(2, 0, 1, 3).reshape(q.shape[0], q.shape[1], e)
     out = lin(o, a["out_proj_weight"], a["out_proj_bias"])
     return (out.squeeze(1) if unbatched else out), None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
-              scale: Optional[float] = None) -> torch.Tensor:
-    """FP8 flash attention: q [B, H, Nq, D], k/v [B, H, Nk, D] -> [B, H, Nq, D] (see ops/attention.py)."""
+              scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
+              enable_gqa: bool = False) -> torch.Tensor:
+    """FP8 flash attention: q [B, H, Nq, D], k/v [B, H_kv, Nk, D] -> [B, H, Nq, D], with SDPA's
+    attn_mask and enable_gqa (see ops/attention.py)."""
     from ..ops.attention import attention as fp8_attention
 
-    return fp8_attention(q, k, v, causal=causal, scale=scale)
+    return fp8_attention(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, enable_gqa=enable_gqa)

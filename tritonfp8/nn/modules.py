@@ -1,10 +1,13 @@
-"""FP8 modules: drop-in nn.Linear / nn.Conv2d whose products run in fp8.
+"""FP8 modules: drop-in nn.Linear / nn.Conv1d / Conv2d / Conv3d whose products run in fp8.
 
-They keep the same parameters (and state_dict keys) as the torch modules they
-replace, plus the recipe's per-layer state (delayed-scaling amax histories, the
-seed base and call counter, the error saturation count) as tensors under
-``fp8_state.*`` in ``state_dict``. Those keys are optional on load: a stock
-checkpoint of the same model loads strictly, and the layers keep a fresh state.
+They keep the same parameters and exactly the same ``state_dict`` keys as the torch
+modules they replace, so checkpoints load strictly both ways (stock -> converted ->
+stock, ``save_pretrained`` / ``from_pretrained``). The recipe's per-layer state
+(delayed-scaling amax histories, the seed base and call counter, the error
+saturation count) is saved apart, by :func:`fp8_state_dict` (``tf8.Trainer.state_dict``
+includes it): with both, a resume is bit-identical; without it the layers start a
+fresh fp8 state. ``load_state_dict`` still takes the ``fp8_state.*`` keys that
+earlier versions put in ``state_dict``.
 """
 from __future__ import annotations
 
@@ -17,20 +20,14 @@ from .state import LayerState
 
 
 class _FP8StateMixin:
-    """Keeps a :class:`LayerState` and saves it in the module's state_dict."""
+    """Keeps a :class:`LayerState` (saved by :func:`fp8_state_dict`, not in ``state_dict``)."""
 
     def _init_fp8(self, recipe):
         self.recipe = get_recipe(recipe)
         self.fp8_state = LayerState(self.recipe)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name, value in self.fp8_state.state_dict().items():
-            destination[prefix + _STATE + name] = value
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # The fp8 state is optional on load: a stock checkpoint (no such keys) loads strictly
-        # and the layer keeps its fresh state.
+        # Checkpoints of earlier versions hold the fp8 state in state_dict: it is restored.
         ours = {k[len(prefix + _STATE):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + _STATE)}
         if prefix + "fp8_state" in state_dict:  # the nested form of earlier versions
             ours = state_dict.pop(prefix + "fp8_state")
@@ -43,6 +40,42 @@ class _FP8StateMixin:
 
 
 _STATE = "fp8_state."
+
+
+def _fp8_modules(model: nn.Module):
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, _FP8StateMixin))
+
+
+def fp8_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The fp8 state of every tf8.nn module in ``model``: ``{"<module>.fp8_state.<key>": tensor}``
+    (keys of :meth:`LayerState.state_dict`; tensors only, so safetensors stores it). Save it
+    beside ``model.state_dict()`` for a bit-identical resume of stochastic and delayed recipes."""
+    return {f"{name}.{_STATE}{key}" if name else f"{_STATE}{key}": value
+            for name, m in _fp8_modules(model) for key, value in m.fp8_state.state_dict().items()}
+
+
+def load_fp8_state_dict(model: nn.Module, state: dict, strict: bool = True) -> None:
+    """Restore an :func:`fp8_state_dict` into the tf8.nn modules of ``model`` (the same model).
+
+    ``strict``: every key must name an fp8 module of ``model`` and every such module must
+    get its state; False skips what does not match (those layers keep their state)."""
+    modules = dict(_fp8_modules(model))
+    per_module: dict[str, dict] = {}
+    for key, value in state.items():
+        name, sep, rest = key.rpartition(_STATE)
+        name = name[:-1] if name.endswith(".") else name
+        if not sep or name not in modules:
+            if strict:
+                raise KeyError(f"fp8 state key {key!r} names no tf8.nn module of the model; load the fp8 state "
+                               "of the same model, or pass strict=False")
+            continue
+        per_module.setdefault(name, {})[rest] = value
+    missing = sorted(set(modules) - set(per_module))
+    if strict and missing:
+        raise KeyError(f"the fp8 state has nothing for the tf8.nn modules {missing}; pass strict=False to keep "
+                       "their current state")
+    for name, layer_state in per_module.items():
+        modules[name].fp8_state.load_state_dict(layer_state)
 
 
 class Linear(_FP8StateMixin, nn.Linear):
@@ -74,18 +107,12 @@ class Linear(_FP8StateMixin, nn.Linear):
         return super().extra_repr() + f", recipe={self.recipe.name}"
 
 
-class Conv2d(_FP8StateMixin, nn.Conv2d):
-    """``nn.Conv2d`` computed as an fp8 GEMM (im2col): input [B, C, H, W] -> [B, O, Ho, Wo].
-
-    stride, padding (int, pair, "valid", "same"), dilation, groups, bias and padding_mode as nn.Conv2d.
-    """
-
-    def __init__(self, *args, recipe="hybrid", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_fp8(recipe)
+class _FP8ConvMixin(_FP8StateMixin):
+    """The fp8 conv modules: the stock module's attributes, products through :func:`F8.conv`."""
 
     @classmethod
-    def from_float(cls, module: nn.Conv2d, recipe="hybrid") -> "Conv2d":
+    def from_float(cls, module, recipe="hybrid"):
+        """An fp8 conv sharing ``module``'s parameters (and every other attribute)."""
         new = cls.__new__(cls)
         new.__dict__.update(module.__dict__)
         new._parameters = dict(module._parameters)
@@ -100,7 +127,40 @@ class Conv2d(_FP8StateMixin, nn.Conv2d):
             padding = 0
         else:
             padding = self.padding
-        return F8.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups, self.recipe, self.fp8_state)
+        return F8.conv(x, weight, bias, self.stride, padding, self.dilation, self.groups, self.recipe, self.fp8_state)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", recipe={self.recipe.name}"
+
+
+class Conv1d(_FP8ConvMixin, nn.Conv1d):
+    """``nn.Conv1d`` computed as an fp8 GEMM (im2col): input [B, C, L] -> [B, O, L_out].
+
+    Arguments as nn.Conv1d (padding: int, tuple, "valid", "same"), plus ``recipe``.
+    """
+
+    def __init__(self, *args, recipe="hybrid", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_fp8(recipe)
+
+
+class Conv2d(_FP8ConvMixin, nn.Conv2d):
+    """``nn.Conv2d`` computed as an fp8 GEMM (im2col): input [B, C, H, W] -> [B, O, Ho, Wo].
+
+    Arguments as nn.Conv2d (padding: int, pair, "valid", "same", even kernels too), plus ``recipe``.
+    """
+
+    def __init__(self, *args, recipe="hybrid", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_fp8(recipe)
+
+
+class Conv3d(_FP8ConvMixin, nn.Conv3d):
+    """``nn.Conv3d`` computed as an fp8 GEMM (im2col): input [B, C, D, H, W] -> [B, O, Do, Ho, Wo].
+
+    Arguments as nn.Conv3d, plus ``recipe``.
+    """
+
+    def __init__(self, *args, recipe="hybrid", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_fp8(recipe)

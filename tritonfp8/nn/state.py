@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from .. import backend as _backend
 from ..ops.quantize import quantize
 from ..ops.rounding import inv_scale_from_amax_reference
 from ..formats import get_format
@@ -23,6 +24,9 @@ class LayerState:
     * ``seed_base`` and ``calls``: stochastic rounding seeds are
       ``f(seed_base, calls, role)``, so a run is reproducible under ``torch.manual_seed``.
     * ``error_saturated``: int32 [] running count of error values that saturated.
+    * ``cast_counts`` (None until :meth:`count_casts` turns it on): int64 [4 roles, 3] on the
+      device, per role the values that were nonzero, flushed to zero and saturated in its
+      casts, and ``cast_values`` the values cast per role (what an fp8_autocast report shows).
     """
 
     def __init__(self, recipe: Recipe, device=None, seed_base: Optional[int] = None):
@@ -35,6 +39,23 @@ class LayerState:
             role: torch.zeros(recipe.amax_history_len, dtype=torch.float32, device=device)
             for role in ROLES if getattr(recipe, role) is not None and getattr(recipe, role).scale_source == "delayed"}
         self.error_saturated = torch.zeros((), dtype=torch.int32, device=device)
+        self.cast_counts: Optional[torch.Tensor] = None
+        self.cast_values = [0] * len(ROLES)
+
+    def count_casts(self) -> None:
+        """Count, from now on, what each cast of this layer flushed to zero and saturated."""
+        if self.cast_counts is None:
+            self.cast_counts = torch.zeros(len(ROLES), 3, dtype=torch.int64, device=self.error_saturated.device)
+
+    def _count(self, role: str, x: torch.Tensor, q: FP8Tensor) -> None:
+        counts = self.cast_counts
+        if counts.device != x.device:
+            counts = self.cast_counts = counts.to(x.device)
+        i = ROLES.index(role)
+        counts[i, :2] += nonzero_and_flushed(x, q.data.view(torch.uint8))
+        if q.saturated is not None:
+            counts[i, 2] += q.saturated
+        self.cast_values[i] += x.numel()
 
     def seed(self, role: str) -> int:
         return (self.seed_base * 1_000_003 + self.calls * len(ROLES) + ROLES.index(role)) % _SEED_MOD
@@ -49,13 +70,14 @@ class LayerState:
         return h
 
     def quantize(self, x: torch.Tensor, role: str, tensor_recipe: TensorRecipe, transpose: bool,
-                 seed: Optional[int] = None, delayed_scale: Optional[torch.Tensor] = None) -> FP8Tensor:
+                 seed: Optional[int] = None, delayed_scale: Optional[torch.Tensor] = None,
+                 recast: bool = False) -> FP8Tensor:
         """Quantize ``x`` [M, K] for ``role`` as the recipe says, updating the history.
 
         ``seed`` defaults to :meth:`seed` of the role at the current call count. A backward
         pass that recasts the forward's tensor passes the forward's seed and, for delayed
         scaling, its scale as ``delayed_scale`` (the history is then left alone), so that it
-        gets the forward's bits."""
+        gets the forward's bits; ``recast=True`` keeps it out of the cast counts."""
         r = tensor_recipe
         scale = None
         if r.scale_source == "delayed" and delayed_scale is not None:
@@ -75,6 +97,8 @@ class LayerState:
         if r.scale_source == "delayed" and delayed_scale is None:
             history = self._history(role, x.device)
             history.copy_(torch.cat([q.amax.reshape(1), history[:-1]]))
+        if self.cast_counts is not None and not recast:
+            self._count(role, x, q)
         return q
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -105,3 +129,12 @@ class LayerState:
 
 
 _HISTORY = "amax_history."
+
+
+@_backend.compiled_reference
+def nonzero_and_flushed(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """int64 [2]: how many of x's values are nonzero, and how many of those have the code of
+    +-0 in ``codes`` (uint8, x's shape; bit 7 is the sign in E4M3 and E5M2). NaN counts as nonzero."""
+    nonzero = x != 0
+    flushed = nonzero & ((codes & 0x7F) == 0)
+    return torch.stack([nonzero.sum(), flushed.sum()])
