@@ -62,14 +62,18 @@ class ErrorCastStats(DeviceCounters):
     def __init__(self):
         super().__init__(4)
 
-    def record_error_cast(self, dy: torch.Tensor, dy_q: FP8Tensor) -> None:
-        """Count the cast ``dy_q`` of the error ``dy`` (same shape): nonzero values that became +-0, saturations."""
+    def record_error_cast(self, dy: torch.Tensor, dy_q: FP8Tensor,
+                          nonzero_flushed: Optional[torch.Tensor] = None) -> None:
+        """Count the cast ``dy_q`` of the error ``dy`` (same shape): nonzero values that became +-0, saturations.
+        ``nonzero_flushed``: :func:`nonzero_and_flushed` of the cast, when the caller has it."""
+        from .ops.rounding import nonzero_and_flushed
+
         c = self._slot(dy.device)
-        nonzero = dy != 0  # NaN counts as nonzero; it never becomes zero
-        zero_after = (dy_q.data.reshape(dy.shape).view(torch.uint8) & 0x7F) == 0  # +-0 in E5M2 and E4M3
+        if nonzero_flushed is None:
+            nonzero_flushed = nonzero_and_flushed(dy, dy_q.data.reshape(dy.shape).view(torch.uint8))
         c[_VALUES].add_(dy.numel())
-        c[_NONZERO].add_(nonzero.sum())
-        c[_UNDERFLOW].add_((nonzero & zero_after).sum())
+        c[_NONZERO].add_(nonzero_flushed[0])
+        c[_UNDERFLOW].add_(nonzero_flushed[1])
         if dy_q.saturated is not None:
             c[_SATURATED].add_(dy_q.saturated.to(torch.int64).sum())
 

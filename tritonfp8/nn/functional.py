@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .._autograd import refuse_double_backward
 from ..ops.matmul import scaled_mm, transpose_view
+from ..ops.rounding import nonzero_and_flushed
 from ..recipe import Recipe, get_recipe
 from ..trainer import current_error_stats
 from ..training import current_tracker
@@ -46,15 +47,21 @@ def check_fp8_inputs(x: torch.Tensor, weight: torch.Tensor, what: str) -> None:
 
 
 def _quantize_error(state: LayerState, recipe: Recipe, dy2d: torch.Tensor, transpose: bool, seed: int) -> FP8Tensor:
-    """The error cast of a backward product, reported to the active LossScaler and Trainer."""
-    dy_q = state.quantize(dy2d.contiguous(), "error", recipe.error, transpose=transpose, seed=seed)
+    """The error cast of a backward product, reported to the active LossScaler and Trainer and
+    to the layer's cast counts (the nonzero / flushed count computed once for both)."""
+    dy2d = dy2d.contiguous()
+    dy_q = state.quantize(dy2d, "error", recipe.error, transpose=transpose, seed=seed, count=False)
     state.error_saturated += dy_q.saturated
     tracker = current_tracker()
     if tracker is not None:  # a LossScaler's overflow flag: device-side, read once per step
         tracker.record(dy_q)
     stats = current_error_stats()
+    nonzero_flushed = None
+    if stats is not None or state.cast_counts is not None:
+        nonzero_flushed = nonzero_and_flushed(dy2d, dy_q.data.view(torch.uint8))
+    state.record_cast("error", dy2d, dy_q, nonzero_flushed)
     if stats is not None:  # tf8.Trainer's statistics: error values flushed to zero / saturated, on device
-        stats.record_error_cast(dy2d, dy_q)
+        stats.record_error_cast(dy2d, dy_q, nonzero_flushed)
     return dy_q
 
 
@@ -76,7 +83,7 @@ def _recast_weight(state: LayerState, weight: torch.Tensor, recipe: Recipe, seed
     its version), so the codes are the forward's: the backward recasts W instead of keeping an
     fp8 copy alive between forward and backward."""
     return state.quantize(weight, "weight", recipe.weight, transpose=True, seed=seed,
-                          delayed_scale=delayed_scale, recast=True).transposed
+                          delayed_scale=delayed_scale, count=False).transposed
 
 
 def _delayed_scale(q: FP8Tensor, recipe: Recipe) -> Optional[torch.Tensor]:
@@ -297,17 +304,9 @@ class _ConvGeometry:
     out: tuple  # output spatial sizes
 
 
-def _patches(x: torch.Tensor, g: _ConvGeometry) -> torch.Tensor:
-    """x [B, C, *S] -> a strided view [B, *S_out, C, *k] of its zero-padded copy (no data copied twice)."""
-    x = F.pad(x, [p for pad in reversed(g.padding) for p in (pad, pad)])
-    s_b, s_c, *s_sp = x.stride()
-    shape = (x.shape[0], *g.out, x.shape[1], *g.kernel)
-    strides = (s_b, *(s * st for s, st in zip(s_sp, g.stride)), s_c, *(s * d for s, d in zip(s_sp, g.dilation)))
-    return x.as_strided(shape, strides)
-
-
 def _im2col(x: torch.Tensor, g: _ConvGeometry) -> torch.Tensor:
-    """Float x [B, C, *S] -> patches [B*prod(S_out), C*prod(k)] with autograd (Tensor.unfold per dim)."""
+    """x [B, C, *S] -> patches [B*prod(S_out), C*prod(k)] (zero padding; views, then one copy;
+    with autograd for float x)."""
     nd = len(g.kernel)
     x = F.pad(x, [p for pad in reversed(g.padding) for p in (pad, pad)])
     for i, (k, s, d) in enumerate(zip(g.kernel, g.stride, g.dilation)):
@@ -322,11 +321,10 @@ def _im2col(x: torch.Tensor, g: _ConvGeometry) -> torch.Tensor:
 def _col2im(cols: torch.Tensor, spatial: tuple, g: _ConvGeometry) -> torch.Tensor:
     """The adjoint of im2col: cols [B*prod(S_out), C*prod(k)] -> x-gradient [B, C, *S] (sums the overlaps)."""
     nd = len(g.kernel)
+    b = cols.shape[0] // math.prod(g.out)
     if nd == 2:  # F.fold: one fused kernel
-        b = cols.shape[0] // math.prod(g.out)
         cols = cols.reshape(b, math.prod(g.out), -1).transpose(1, 2)
         return F.fold(cols, spatial, g.kernel, dilation=g.dilation, padding=g.padding, stride=g.stride)
-    b = cols.shape[0] // math.prod(g.out)
     c = cols.shape[1] // math.prod(g.kernel)
     cols = cols.reshape(b, *g.out, c, *g.kernel)
     padded = [n + 2 * p for n, p in zip(spatial, g.padding)]
@@ -347,8 +345,7 @@ def _channels_first(y: torch.Tensor, b: int, out: tuple) -> torch.Tensor:
 
 def _im2col_codes(codes: torch.Tensor, g: _ConvGeometry, k_padded: int) -> torch.Tensor:
     """fp8 codes x [B, C, *S] -> patches [B*prod(S_out), k_padded] (channel-major, as weight.reshape(O, -1)), a copy."""
-    u8 = _patches(codes.view(torch.uint8), g)  # code 0 is +0.0 in both formats
-    cols = u8.reshape(u8.shape[0] * math.prod(g.out), -1)
+    cols = _im2col(codes.view(torch.uint8), g)  # code 0 is +0.0 in both formats
     if k_padded > cols.shape[1]:  # zero columns add nothing to the product
         cols = F.pad(cols, (0, k_padded - cols.shape[1]))
     return cols.view(codes.dtype)

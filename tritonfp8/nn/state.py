@@ -5,9 +5,8 @@ from typing import Optional
 
 import torch
 
-from .. import backend as _backend
 from ..ops.quantize import quantize
-from ..ops.rounding import inv_scale_from_amax_reference
+from ..ops.rounding import inv_scale_from_amax_reference, nonzero_and_flushed
 from ..formats import get_format
 from ..recipe import Recipe, TensorRecipe
 from ..tensor import FP8Tensor
@@ -47,12 +46,19 @@ class LayerState:
         if self.cast_counts is None:
             self.cast_counts = torch.zeros(len(ROLES), 3, dtype=torch.int64, device=self.error_saturated.device)
 
-    def _count(self, role: str, x: torch.Tensor, q: FP8Tensor) -> None:
+    def record_cast(self, role: str, x: torch.Tensor, q: FP8Tensor,
+                    nonzero_flushed: Optional[torch.Tensor] = None) -> None:
+        """Add the cast ``q`` of ``x`` to the counts (when on); ``nonzero_flushed`` is
+        :func:`nonzero_and_flushed` of it when the caller computed it already."""
         counts = self.cast_counts
+        if counts is None:
+            return
         if counts.device != x.device:
             counts = self.cast_counts = counts.to(x.device)
+        if nonzero_flushed is None:
+            nonzero_flushed = nonzero_and_flushed(x, q.data.view(torch.uint8))
         i = ROLES.index(role)
-        counts[i, :2] += nonzero_and_flushed(x, q.data.view(torch.uint8))
+        counts[i, :2] += nonzero_flushed
         if q.saturated is not None:
             counts[i, 2] += q.saturated
         self.cast_values[i] += x.numel()
@@ -71,13 +77,14 @@ class LayerState:
 
     def quantize(self, x: torch.Tensor, role: str, tensor_recipe: TensorRecipe, transpose: bool,
                  seed: Optional[int] = None, delayed_scale: Optional[torch.Tensor] = None,
-                 recast: bool = False) -> FP8Tensor:
+                 count: bool = True) -> FP8Tensor:
         """Quantize ``x`` [M, K] for ``role`` as the recipe says, updating the history.
 
         ``seed`` defaults to :meth:`seed` of the role at the current call count. A backward
         pass that recasts the forward's tensor passes the forward's seed and, for delayed
         scaling, its scale as ``delayed_scale`` (the history is then left alone), so that it
-        gets the forward's bits; ``recast=True`` keeps it out of the cast counts."""
+        gets the forward's bits, and ``count=False`` keeps such a recast out of the cast counts
+        (as does a caller that records the cast itself with :meth:`record_cast`)."""
         r = tensor_recipe
         scale = None
         if r.scale_source == "delayed" and delayed_scale is not None:
@@ -97,8 +104,8 @@ class LayerState:
         if r.scale_source == "delayed" and delayed_scale is None:
             history = self._history(role, x.device)
             history.copy_(torch.cat([q.amax.reshape(1), history[:-1]]))
-        if self.cast_counts is not None and not recast:
-            self._count(role, x, q)
+        if count:
+            self.record_cast(role, x, q)
         return q
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -130,11 +137,3 @@ class LayerState:
 
 _HISTORY = "amax_history."
 
-
-@_backend.compiled_reference
-def nonzero_and_flushed(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """int64 [2]: how many of x's values are nonzero, and how many of those have the code of
-    +-0 in ``codes`` (uint8, x's shape; bit 7 is the sign in E4M3 and E5M2). NaN counts as nonzero."""
-    nonzero = x != 0
-    flushed = nonzero & ((codes & 0x7F) == 0)
-    return torch.stack([nonzero.sum(), flushed.sum()])

@@ -752,7 +752,7 @@ def _valid_mask(n_q: int, n_k: int, causal: bool, device, mask2: Optional[torch.
 def log2_mask(attn_mask: torch.Tensor, shape: tuple) -> torch.Tensor:
     """An ``F.scaled_dot_product_attention`` mask (bool: True attends; float: added to the scores)
     as the kernels take it: fp32 in log2 units, -inf where masked, broadcast to ``shape``
-    [B, H, N_q, N_k] as a view. Finite values are clamped at -2**100 so that a float mask of
+    [B, H, N_q, N_k] as a view. Finite values are clamped at -2**99 (before the log2 scaling) so that a float mask of
     finfo.min behaves as in torch (masked, and a row masked everywhere averages v uniformly)."""
     if attn_mask.dtype == torch.bool:
         mask2 = torch.zeros(attn_mask.shape, dtype=torch.float32, device=attn_mask.device)

@@ -226,6 +226,16 @@ def decode_codes_reference(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
     return (bits | ((c & fmt.sign_bit) << (31 - fmt.exp_bits - fmt.man_bits))).view(torch.float32)
 
 
+@_backend.compiled_reference
+def nonzero_and_flushed(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """int64 [2]: how many of x's values are nonzero, and how many of those got the code of
+    +-0 in ``codes`` (uint8 fp8 codes of x, x's shape; bit 7 is the sign in E4M3 and E5M2).
+    NaN counts as nonzero (it never becomes zero)."""
+    nonzero = x != 0
+    flushed = nonzero & ((codes & 0x7F) == 0)
+    return torch.stack([nonzero.sum(), flushed.sum()])
+
+
 # The decode as the CPU path runs it: one compiled loop on large tensors.
 decode_codes = _backend.compiled_reference(decode_codes_reference)
 
