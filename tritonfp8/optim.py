@@ -33,6 +33,12 @@ the flat buffer (no copy). Parameters whose ``.grad`` is None are skipped, as in
 Do not move or cast the model (``.to()``, ``.half()``) after building the optimizer:
 that replaces the parameters' storage; ``step()`` detects it and raises.
 
+Data parallel (DDP): build the optimizer BEFORE wrapping the model in DDP. A dtype change
+(fp32 -> 16-bit master weights) replaces each parameter's autograd gradient accumulator,
+on which DDP hooks its all-reduce; built after DDP, the optimizer detects that and raises
+(a model already in the master dtype works in either order). With ``seed=None`` every rank
+takes rank 0's seed (one broadcast), so replicas round identical updates identically.
+
 Loss scaling: ``step(grad_scale=...)`` divides gradients by a loss scale inside the
 kernel (fp32, so unscaling a 16-bit gradient loses nothing); ``tf8.LossScaler`` uses
 it. ``grad_scale`` is a scalar tensor, or a dict {parameter: scalar tensor} for
@@ -46,7 +52,9 @@ from collections import defaultdict
 from typing import Optional
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 
+from . import _distributed
 from .ops import optim as _ops
 
 __all__ = ["SGD", "AdamW"]
@@ -69,6 +77,24 @@ def _parse_dtype(value, allowed, what: str, allow_none: bool):
         names = ", ".join(str(d) for d in allowed) + (" (or None to keep each parameter's dtype)" if allow_none else "")
         raise ValueError(f"unsupported {what} {value!r}; use one of {names}")
     return dtype
+
+
+def _gradient_accumulator_held(p: torch.Tensor) -> bool:
+    """Whether anything besides ``p`` keeps its autograd gradient accumulator alive.
+
+    Changing a parameter's dtype (``p.data = ...``) makes autograd drop the accumulator
+    and create a new one, and the hooks registered on the old one die with it: DDP's
+    Reducer holds the accumulator and hooks its all-reduce there, so after the change the
+    gradients would no longer be reduced, silently. Probed by tagging the accumulator:
+    the tag survives only if the node is kept alive elsewhere.
+    """
+    if not p.requires_grad:
+        return False
+    node = get_gradient_edge(p).node
+    node.metadata["_tf8_probe"] = True
+    del node
+    again = get_gradient_edge(p).node
+    return again.metadata.pop("_tf8_probe", False)
 
 
 def _splitmix64(x: int) -> int:
@@ -200,7 +226,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
         self._buckets: list[_Bucket] = []
         self._device: Optional[torch.device] = None
         if defaults.get("seed") is None:
-            defaults["seed"] = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+            # Data-parallel replicas must round their identical updates with identical bits:
+            # under torch.distributed every rank takes rank 0's draw (one broadcast).
+            drawn = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+            defaults["seed"] = _distributed.broadcast_int(drawn, _distributed.resolve_group())
         super().__init__(params, defaults)
 
     # -- configuration -------------------------------------------------------------
@@ -266,6 +295,15 @@ class _FusedOptimizer(torch.optim.Optimizer):
         buckets = [_Bucket(len(self._buckets) + i, group_index, params, dtype, device)
                    for i, (dtype, params) in enumerate(by_dtype.items())]
         for bucket in buckets:  # every value is checked before any parameter is rebound
+            for p in bucket.params:
+                if p.dtype != bucket.dtype and _gradient_accumulator_held(p):
+                    raise RuntimeError(
+                        f"a parameter of shape {tuple(p.shape)} would change dtype ({p.dtype} -> {bucket.dtype}) "
+                        f"while something holds its gradient accumulator: DistributedDataParallel (whose "
+                        f"gradient all-reduce would silently stop: build the tf8.optim optimizer BEFORE "
+                        f"wrapping the model in DDP) or a live autograd graph (run or drop the pending "
+                        f"backward first). Alternatively convert the model to {bucket.dtype} before wrapping it."
+                    )
             bucket.fill()
         for bucket in buckets:
             bucket.rebind()

@@ -50,6 +50,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from . import _distributed
 from ._active import ActiveStack, DeviceCounters
 from .formats import get_format
 from .tensor import FP8Tensor
@@ -234,6 +235,8 @@ class _LayerScales:
                 usable = (amax > 0) & torch.isfinite(amax)
                 exact = (s._fmax / torch.where(usable, amax, torch.ones_like(amax))).clamp(*s.layer_scale_bounds)
                 f = torch.where(usable, torch.minimum(f, exact), f)
+            # Gradients scaled by f are summed across data-parallel ranks: one factor for all.
+            f = _distributed.agree_min_(f, s._group())
             self.factors[module] = f
         return f
 
@@ -293,6 +296,11 @@ class LossScaler:
             the underflow-derived power of two but uses the exact overflow bound.
         layer_scale_bounds: adaptive: (min, max) per-layer factor, (2**-32, 2**32).
         enabled: False makes every method a pass-through (as GradScaler).
+        process_group: the ranks that must take the same decisions (data-parallel
+            replicas). Default None: the default group once ``torch.distributed`` is
+            initialized (each overflow decision is then one all-reduce, so no rank skips
+            a step alone, and adaptive per-layer factors are the minimum over ranks);
+            False: every rank decides alone (e.g. ranks that train different models).
     """
 
     def __init__(
@@ -313,6 +321,7 @@ class LossScaler:
         power_of_two: bool = True,
         layer_scale_bounds: tuple[float, float] = DEFAULT_LAYER_SCALE_BOUNDS,
         enabled: bool = True,
+        process_group=None,
     ):
         if mode not in MODES:
             raise ValueError(f"unknown loss-scaling mode {mode!r}; use one of {MODES}")
@@ -335,6 +344,7 @@ class LossScaler:
             raise ValueError(f"margin must be an int >= 0, got {margin!r}")
         self.mode = mode
         self._enabled = bool(enabled)
+        self._process_group = process_group
         self._growth_factor = float(growth_factor)
         self._backoff_factor = float(backoff_factor)
         self._growth_interval = growth_interval
@@ -483,6 +493,14 @@ class LossScaler:
         """Record a quantized gradient's saturation / non-finite amax (see :class:`OverflowTracker`)."""
         self.tracker.record(q)
 
+    def _group(self):
+        """The process group whose ranks agree on this scaler's decisions, or None (alone)."""
+        return _distributed.resolve_group(self._process_group)
+
+    def _found(self) -> bool:
+        """Whether any rank recorded an overflow this iteration (one host sync, one all-reduce)."""
+        return _distributed.agree_any(self.tracker.found(), self._group())
+
     def _opt_state(self, optimizer) -> dict:
         return self._per_optimizer.setdefault(id(optimizer), {"stage": _READY, "found": None})
 
@@ -572,7 +590,7 @@ class LossScaler:
                 self._check_grads(optimizer)
             else:
                 self.unscale_(optimizer)
-        found = self.tracker.found()
+        found = self._found()
         st["found"] = found
         st["stage"] = _STEPPED
         if found:
@@ -601,7 +619,7 @@ class LossScaler:
             if decided:
                 found = any(decided)
             elif self._per_optimizer:
-                found = self.tracker.found()
+                found = self._found()
             else:
                 raise RuntimeError("update() needs step() (or unscale_()) to have been called in this iteration")
             if found:

@@ -1,0 +1,191 @@
+"""Data parallelism on torch.distributed: 2 gloo processes on the CPU.
+
+Each test spawns two workers; they train the same model on different halves of a
+batch and write their final parameters (and scaler counters) to a file that the test
+compares. Every worker seeds torch's RNG differently on purpose, so anything a rank
+draws for itself (the optimizer's default seed, the layers' cast seeds) differs unless
+tritonfp8 agrees it across ranks.
+"""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import tritonfp8 as tf8
+
+WORLD = 2
+STEPS = 10
+BATCH = 16  # global batch; each rank takes BATCH // WORLD rows
+IN, HIDDEN, OUT = 32, 64, 16
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)  # identical initial weights on every rank and in the single process
+    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, OUT))
+
+
+def _batch(step: int, overflow_rank=None):
+    """The global batch of a step; rows of rank r are [r * B/W, (r+1) * B/W)."""
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(BATCH, IN, generator=g)
+    y = torch.randn(BATCH, OUT, generator=g)
+    if overflow_rank is not None and step % 3 == 1:
+        # Targets so large on one rank's rows that its fp8 errors saturate at the scaler's
+        # init scale: only that rank sees the overflow.
+        per = BATCH // WORLD
+        y[overflow_rank * per:(overflow_rank + 1) * per] *= 1e4
+    return x, y
+
+
+def _train(model, opt, scaler, rows, recipe, overflow_rank=None, steps=STEPS):
+    for step in range(steps):
+        x, y = _batch(step, overflow_rank)
+        x, y = x[rows], y[rows]
+        opt.zero_grad(set_to_none=False)
+        with tf8.fp8_autocast(recipe or "hybrid", enabled=recipe is not None):
+            loss = nn.functional.mse_loss(model(x), y)
+        with tf8.training.tracking(scaler):  # the fp8 error casts report saturation to the scaler
+            scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+
+def _optimizer(model, case):
+    kwargs = dict(master_dtype=case["master_dtype"], rounding=case["rounding"])
+    if case.get("optimizer") == "sgd":
+        return tf8.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, **kwargs)
+    return tf8.optim.AdamW(model.parameters(), lr=1e-2, **kwargs)
+
+
+def _worker(rank, init_file, out_dir, case):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        model = _model()
+        if case.get("model_in_master_dtype"):
+            model = model.to(case["master_dtype"])
+        torch.manual_seed(1000 + rank)  # what a rank draws for itself differs across ranks
+        if case["order"] == "before":
+            opt = _optimizer(model, case)
+            ddp = DDP(model)
+        else:
+            ddp = DDP(model)
+            try:
+                opt = _optimizer(ddp, case)
+            except RuntimeError as e:
+                torch.save({"error": str(e)}, os.path.join(out_dir, f"rank{rank}.pt"))
+                return
+        scaler = tf8.LossScaler(case["scaler"], init_scale=case.get("init_scale", 2.0**10))
+        per = BATCH // WORLD
+        _train(ddp, opt, scaler, slice(rank * per, (rank + 1) * per), case["recipe"], case.get("overflow_rank"))
+        torch.save({
+            "params": [p.detach().clone() for p in model.parameters()],
+            "skipped": scaler.skipped_steps, "scale": scaler.get_scale(),
+        }, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, case) -> list:
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), case), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def _assert_replicas_identical(results):
+    a, b = results
+    assert len(a["params"]) == len(b["params"])
+    for i, (pa, pb) in enumerate(zip(a["params"], b["params"])):
+        assert pa.dtype == pb.dtype
+        assert torch.equal(pa.view(torch.int16 if pa.element_size() == 2 else torch.int32),
+                           pb.view(torch.int16 if pb.element_size() == 2 else torch.int32)), (
+            f"parameter {i} differs across ranks by up to {(pa.float() - pb.float()).abs().max().item():g}")
+    assert a["skipped"] == b["skipped"] and a["scale"] == b["scale"]
+
+
+# bf16 master weights: 16-bit gradients with fp32's range, so an fp8 error cast that saturates on
+# one rank stays a finite value there (fp16 gradients would overflow to Inf, and DDP's all-reduce
+# would hand that Inf to every rank, which hides whether the ranks agree).
+BASE = dict(master_dtype=torch.bfloat16, rounding="stochastic", recipe="mellempudi2019", scaler="dynamic")
+
+
+def test_ddp_optimizer_built_before_ddp_keeps_replicas_bit_identical(tmp_path):
+    """bf16 master weights with stochastic updates, fp8 casts with stochastic rounding and a
+    loss scaler whose overflows happen on rank 0 only: both ranks skip the same steps and
+    end with the same bits."""
+    results = _run(tmp_path, dict(BASE, order="before", overflow_rank=0))
+    _assert_replicas_identical(results)
+    assert results[0]["skipped"] > 0, "the overflow on rank 0 did not make the scaler skip: the case tests nothing"
+    start = [p.bfloat16() for p in _model().parameters()]
+    assert any(not torch.equal(p, s) for p, s in zip(results[0]["params"], start)), "nothing was trained"
+
+
+def test_ddp_optimizer_built_after_ddp_is_refused_when_it_would_change_dtypes(tmp_path):
+    """DDP hooks its all-reduce on each parameter's gradient accumulator, which a dtype change
+    replaces: the optimizer refuses, saying which order works (rather than desynchronizing)."""
+    results = _run(tmp_path, dict(BASE, order="after"))
+    for r in results:
+        assert "error" in r, "the optimizer accepted DDP's parameters and changed their dtype"
+        assert "BEFORE" in r["error"] and "DDP" in r["error"]
+
+
+def test_ddp_optimizer_built_after_ddp_works_when_dtypes_stay(tmp_path):
+    """A model already in the master dtype keeps its accumulators: either order works."""
+    results = _run(tmp_path, dict(BASE, order="after", model_in_master_dtype=True, overflow_rank=1))
+    _assert_replicas_identical(results)
+    assert results[0]["skipped"] > 0
+
+
+@pytest.mark.parametrize("mode", ["enhanced", "adaptive"])
+def test_ddp_scaler_modes_agree_across_ranks(tmp_path, mode):
+    """The enhanced floor and the adaptive per-layer factors (the minimum over ranks) keep
+    the replicas identical too."""
+    results = _run(tmp_path, dict(BASE, order="before", scaler=mode, overflow_rank=1))
+    _assert_replicas_identical(results)
+
+
+@pytest.mark.parametrize("recipe,optimizer,tolerance", [
+    (None, "adamw", 1e-6),  # high precision: the same gradient up to fp32 summation order
+    (None, "sgd", 1e-6),
+    # fp8 with per-tensor scales: each rank's scales come from its half batch, so its casts
+    # differ from the global batch's; measured max 7.2e-4 against steps of 4e-3 .. 7e-2.
+    ("hybrid", "sgd", 1e-3),
+])
+def test_ddp_matches_one_process_on_the_global_batch(tmp_path, recipe, optimizer, tolerance):
+    """DDP's mean of the two halves' gradients is the gradient of the global batch: with
+    fp32 master weights and round-to-nearest, the parameters after 10 steps agree with a
+    single process trained on the whole batch (tolerance per case above)."""
+    case = dict(master_dtype=torch.float32, rounding="nearest", recipe=recipe, scaler="dynamic", order="before",
+                optimizer=optimizer)
+    results = _run(tmp_path, case)
+    _assert_replicas_identical(results)
+    model = _model()
+    opt = _optimizer(model, case)
+    scaler = tf8.LossScaler("dynamic", init_scale=2.0**10)
+    _train(model, opt, scaler, slice(0, BATCH), recipe)
+    start = list(_model().parameters())
+    for i, (single, dp, s) in enumerate(zip(model.parameters(), results[0]["params"], start)):
+        moved = (single.detach() - s.detach()).abs().max().item()
+        diff = (single.detach() - dp).abs().max().item()
+        assert moved > 3 * tolerance, f"parameter {i} barely trained ({moved:g}): the comparison would be vacuous"
+        assert diff <= tolerance, f"parameter {i}: DDP and one process differ by {diff:g} (moved {moved:g})"
+
+
+def test_readme_torchrun_example_runs_and_keeps_replicas_identical():
+    """The README's multi-process example, run as the README says (torchrun, 2 processes)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "examples" / "ddp_train.py"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script), "--steps", "5"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = [l for l in run.stdout.splitlines() if l.startswith("ranks 2")]
+    assert line and line[0].endswith("replicas identical: True"), run.stdout
