@@ -20,6 +20,8 @@ ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") i
 # Where and how the Triton kernels run in this test session.
 KERNEL_DEVICE = "cuda" if ON_GPU else "cpu"
 KERNEL_BACKEND = "triton" if ON_GPU else "interpret"
+if not ON_GPU:
+    tf8.backend.ensure_interpreter()  # also for kernels the tests launch directly
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,10 @@
 """Shared plumbing of the loss scaler's overflow tracker and the trainer's error-cast
 statistics: the "current object" of nested ``with`` blocks, read by the fp8 modules'
-backward, and int64 counters kept on each device until the host reads them."""
+backward, and int64 counters kept on each device until the host reads them.
+
+The two stacks live here, below every layer, so that the fp8 layers (``tritonfp8.nn``)
+read the current tracker / collector without importing the training layer that
+defines them (``training.tracking``, ``trainer.collecting`` push onto them)."""
 from __future__ import annotations
 
 import contextlib
@@ -57,3 +61,9 @@ class DeviceCounters:
     def reset(self) -> None:
         for c in self._counts.values():
             c.zero_()
+
+
+# The innermost OverflowTracker of a training.tracking() block (a LossScaler's, or the Trainer's).
+OVERFLOW_TRACKERS: ActiveStack = ActiveStack()
+# The innermost ErrorCastStats of a trainer.collecting() block.
+ERROR_COLLECTORS: ActiveStack = ActiveStack()

@@ -1,10 +1,10 @@
 """Which implementation runs an op.
 
 * ``"triton"``: compiled Triton kernels; needs CUDA tensors.
-* ``"interpret"``: the same Triton kernels run by Triton's CPU interpreter.
-  Triton decides between compiled and interpreted kernels when it is imported
-  (``TRITON_INTERPRET=1``), so this backend needs ``TRITONFP8_BACKEND=interpret``
-  (or ``TRITON_INTERPRET=1``) in the environment before ``import tritonfp8``.
+* ``"interpret"``: the same Triton kernels run by Triton's CPU interpreter, on CPU
+  (or CUDA) tensors. Selectable at any time: when Triton was imported in compiled
+  mode, choosing it builds interpreted twins of the kernels and of the
+  ``triton.language`` functions they call, and leaving it restores the compiled ones.
 * ``"torch"``: the pure-PyTorch reference, on any device. On CPU tensors its
   element-wise numerics (casts, Philox, the optimizer update) run as loops fused
   by Inductor (``torch.compile``, C++ backend) from the same reference source:
@@ -18,7 +18,8 @@ Environment variables:
 
 =====================  ====================================================
 TRITONFP8_BACKEND       initial backend: auto / triton / interpret / torch
-TRITON_INTERPRET        Triton's own switch; "1" runs every kernel interpreted
+TRITON_INTERPRET        Triton's own switch, read at Triton's import; "1" runs every
+                        kernel interpreted (the "interpret" backend does not need it)
 TRITONFP8_COMPILE       "1" (default): the reference backend runs compiled on CPU
                         tensors; "0": always the eager reference
 =====================  ====================================================
@@ -37,10 +38,6 @@ _ENV = "TRITONFP8_BACKEND"
 _requested = os.environ.get(_ENV, "auto").strip().lower() or "auto"
 if _requested not in BACKENDS:
     raise ValueError(f"{_ENV}={_requested!r} is not a backend; use one of {BACKENDS}")
-if _requested == "interpret" and "triton" not in sys.modules:
-    # Must happen before Triton is imported: Triton builds its own JIT functions
-    # (tl.randint among them) interpreted or compiled at import time.
-    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def triton_interprets() -> bool:
@@ -55,11 +52,6 @@ def _check(name: str) -> str:
     name = str(name).strip().lower()
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; use one of {BACKENDS}")
-    if name == "interpret" and not triton_interprets():
-        raise RuntimeError(
-            "the 'interpret' backend needs Triton's interpreter, which Triton fixes when it is imported: "
-            "set TRITONFP8_BACKEND=interpret (or TRITON_INTERPRET=1) in the environment before importing tritonfp8"
-        )
     return name
 
 
@@ -70,10 +62,22 @@ def set_backend(name: str) -> None:
     """Choose the implementation of every op: "auto", "triton", "interpret" or "torch"."""
     global _backend
     _backend = _check(name)
+    _interpreter.switch(_backend == "interpret")
 
 
 def get_backend() -> str:
     return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager form of :func:`set_backend`; restores the previous backend on exit."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
 
 
 @contextlib.contextmanager
@@ -86,11 +90,6 @@ def _temporarily(name: str, value):
         yield
     finally:
         module[name] = previous
-
-
-def use_backend(name: str):
-    """Context manager form of :func:`set_backend`; restores the previous backend on exit."""
-    return _temporarily("_backend", _check(name))
 
 
 def cuda_ok() -> tuple[bool, str]:
@@ -115,8 +114,11 @@ def resolve(device) -> str:
     name = _backend
     if name == "auto":
         if device.type == "cuda":
-            return "interpret" if triton_interprets() else "triton"
-        return "torch"
+            name = "interpret" if triton_interprets() else "triton"
+        else:
+            return "torch"
+    if name == "interpret":
+        _interpreter.ensure()
     if name == "triton" and device.type != "cuda":
         raise RuntimeError(
             f"backend 'triton' runs compiled kernels on CUDA tensors, got a {device.type} tensor; "
@@ -130,7 +132,8 @@ def _interpreter_loop_bounds() -> None:
 
     Triton 3.6's interpreter turns a loop bound into a Python int with
     ``int(array of shape (1,))``, a TypeError since NumPy 2.4. This re-points the
-    interpreter's ``tensor.__index__`` at the array's single element. Idempotent.
+    interpreter's ``tensor.__index__`` at the array's single element. Idempotent;
+    applied the first time an op runs interpreted, not at import.
     """
     from triton.runtime import interpreter
 
@@ -146,8 +149,82 @@ def _interpreter_loop_bounds() -> None:
     interpreter._patch_lang_tensor = patched
 
 
-if triton_interprets():
-    _interpreter_loop_bounds()
+class _RunTimeInterpreter:
+    """Interpreted twins of the compiled ``@triton.jit`` functions, swapped in while the
+    "interpret" backend is chosen.
+
+    Triton decides at each function's decoration whether it is compiled (JITFunction) or
+    interpreted (InterpretedFunction, under TRITON_INTERPRET=1). Kernels are launched, and
+    device functions called, through module globals looked up at call time, so replacing
+    every JITFunction in the namespaces of ``triton.language*`` and ``tritonfp8*`` by an
+    InterpretedFunction of the same Python function runs the kernels interpreted; Triton's
+    ``interpret`` knob is set meanwhile (constexpr functions return plain values under
+    the interpreter). Modules imported later are swept when an op next runs interpreted.
+    """
+
+    _PACKAGES = ("triton.language", "tritonfp8")
+
+    def __init__(self) -> None:
+        self.active = False
+        self.swapped: list = []  # (namespace, name, the compiled function)
+        self.swept: set = set()
+        self.twins: dict = {}
+        self.knob = None
+
+    def _sweep(self) -> None:
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        for module_name, module in list(sys.modules.items()):
+            if module is None or module_name in self.swept:
+                continue
+            if not any(module_name == p or module_name.startswith(p + ".") for p in self._PACKAGES):
+                continue
+            self.swept.add(module_name)
+            namespace = vars(module)
+            for name, value in list(namespace.items()):
+                if isinstance(value, JITFunction):
+                    twin = self.twins.get(id(value))
+                    if twin is None:
+                        twin = self.twins[id(value)] = (value, InterpretedFunction(value.fn))
+                    namespace[name] = twin[1]
+                    self.swapped.append((namespace, name, value))
+
+    def switch(self, on: bool) -> None:
+        if on:
+            self.ensure()
+        elif self.active:
+            from triton import knobs
+
+            for namespace, name, compiled in reversed(self.swapped):
+                namespace[name] = compiled
+            self.swapped.clear()
+            self.swept.clear()
+            knobs.runtime.interpret = self.knob
+            self.active = False
+
+    def ensure(self) -> None:
+        """Make every kernel run interpreted (a no-op when Triton itself interprets)."""
+        if not self.active:
+            if triton_interprets():  # TRITON_INTERPRET=1 at Triton's import: nothing to swap
+                _interpreter_loop_bounds()
+                return
+            from triton import knobs
+
+            self.knob = knobs.runtime.interpret
+            knobs.runtime.interpret = True
+            self.active = True
+            _interpreter_loop_bounds()
+        self._sweep()
+
+
+_interpreter = _RunTimeInterpreter()
+
+
+def ensure_interpreter() -> None:
+    """Make every Triton kernel run interpreted from now on, as the "interpret" backend's ops
+    do; for kernels launched directly rather than through an op (tests)."""
+    _interpreter.ensure()
 
 
 # ----------------------------------------------------------------------------

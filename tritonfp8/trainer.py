@@ -24,9 +24,8 @@ that saturated. Outside such a block nothing is counted and training pays nothin
 Layers that run in high precision cast no error and are not counted; the fp8
 attention op's casts are not counted either.
 
-This module imports only :mod:`tritonfp8.training` at import time (the fp8 layers
-import :func:`current_error_stats` from here); ``fp8_autocast`` is imported when a
-Trainer is built.
+The fp8 layers read the active collector from :mod:`tritonfp8._active` (they do not
+import this module, which sits above them).
 """
 from __future__ import annotations
 
@@ -37,7 +36,10 @@ from typing import Callable, Optional
 
 import torch
 
-from ._active import ActiveStack, DeviceCounters
+from ._active import ERROR_COLLECTORS, DeviceCounters
+from .autocast import fp8_autocast
+from .nn.modules import fp8_state_dict, load_fp8_state_dict
+from .ops.rounding import nonzero_and_flushed
 from .tensor import FP8Tensor
 from .training import LossScaler, OverflowTracker, tracking
 
@@ -66,8 +68,6 @@ class ErrorCastStats(DeviceCounters):
                           nonzero_flushed: Optional[torch.Tensor] = None) -> None:
         """Count the cast ``dy_q`` of the error ``dy`` (same shape): nonzero values that became +-0, saturations.
         ``nonzero_flushed``: :func:`nonzero_and_flushed` of the cast, when the caller has it."""
-        from .ops.rounding import nonzero_and_flushed
-
         c = self._slot(dy.device)
         if nonzero_flushed is None:
             nonzero_flushed = nonzero_and_flushed(dy, dy_q.data.reshape(dy.shape).view(torch.uint8))
@@ -82,19 +82,16 @@ class ErrorCastStats(DeviceCounters):
         return dict(zip(("values", "nonzero", "underflow", "saturated"), self._totals()))
 
 
-_COLLECTORS: ActiveStack[ErrorCastStats] = ActiveStack()
-
-
 def collecting(stats: ErrorCastStats):
     """Context manager: make ``stats`` the collector that :func:`current_error_stats` returns inside the block."""
     if not isinstance(stats, ErrorCastStats):
         raise TypeError(f"collecting() takes an ErrorCastStats, got {type(stats).__name__}")
-    return _COLLECTORS.active(stats)
+    return ERROR_COLLECTORS.active(stats)
 
 
 def current_error_stats() -> Optional[ErrorCastStats]:
     """The innermost active :class:`ErrorCastStats`, or None (then the fp8 backward counts nothing)."""
-    return _COLLECTORS.current()
+    return ERROR_COLLECTORS.current()
 
 
 # ----------------------------------------------------------------------------
@@ -181,7 +178,6 @@ class Trainer:
                  scaler: Optional[LossScaler] = None, loss_fn: Optional[Callable] = None, *,
                  amp_dtype: Optional[torch.dtype] = None, max_grad_norm: Optional[float] = None,
                  collect_stats: bool = True):
-        from .autocast import fp8_autocast  # here, not at import: the fp8 layers import this module
 
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Trainer takes an nn.Module, got {type(model).__name__}")
@@ -276,7 +272,6 @@ class Trainer:
         histories; {} without a recipe), ``fp8_modules`` (the same for tf8.nn modules, e.g.
         from ``tf8.convert``: :func:`tf8.nn.fp8_state_dict`) and ``steps``. Every leaf is a
         tensor or a number."""
-        from .nn.modules import fp8_state_dict
 
         return {
             "model": self.model.state_dict(),
@@ -289,7 +284,6 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` into a Trainer built the same way (model, optimizer, recipe, scaler)."""
-        from .nn.modules import load_fp8_state_dict
 
         missing = {"model", "optimizer", "scaler", "fp8", "steps"} - set(state)
         if missing:

@@ -51,7 +51,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from . import _distributed
-from ._active import ActiveStack, DeviceCounters
+from ._active import OVERFLOW_TRACKERS, DeviceCounters
 from .formats import get_format
 from .tensor import FP8Tensor
 
@@ -134,18 +134,15 @@ class OverflowTracker(DeviceCounters):
         return any(bool(c.any()) for c in self._counts.values())
 
 
-_TRACKERS: ActiveStack[OverflowTracker] = ActiveStack()
-
-
 def tracking(tracker: "OverflowTracker | LossScaler"):
     """Context manager: make ``tracker`` (or a scaler's tracker) the one :func:`current_tracker`
     returns, e.g. for the fp8 modules to record their quantized gradients into during backward."""
-    return _TRACKERS.active(tracker.tracker if isinstance(tracker, LossScaler) else tracker)
+    return OVERFLOW_TRACKERS.active(tracker.tracker if isinstance(tracker, LossScaler) else tracker)
 
 
 def current_tracker() -> Optional[OverflowTracker]:
     """The innermost tracker of an active :func:`tracking` block, or None."""
-    return _TRACKERS.current()
+    return OVERFLOW_TRACKERS.current()
 
 
 # ----------------------------------------------------------------------------

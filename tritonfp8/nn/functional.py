@@ -13,12 +13,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .._active import ERROR_COLLECTORS, OVERFLOW_TRACKERS
 from .._autograd import refuse_double_backward
 from ..ops.matmul import scaled_mm, transpose_view
 from ..ops.rounding import nonzero_and_flushed
 from ..recipe import Recipe, get_recipe
-from ..trainer import current_error_stats
-from ..training import current_tracker
 from ..tensor import FP8Tensor
 from .state import LayerState
 
@@ -52,10 +51,10 @@ def _quantize_error(state: LayerState, recipe: Recipe, dy2d: torch.Tensor, trans
     dy2d = dy2d.contiguous()
     dy_q = state.quantize(dy2d, "error", recipe.error, transpose=transpose, seed=seed, count=False)
     state.error_saturated += dy_q.saturated
-    tracker = current_tracker()
+    tracker = OVERFLOW_TRACKERS.current()
     if tracker is not None:  # a LossScaler's overflow flag: device-side, read once per step
         tracker.record(dy_q)
-    stats = current_error_stats()
+    stats = ERROR_COLLECTORS.current()
     nonzero_flushed = None
     if stats is not None or state.cast_counts is not None:
         nonzero_flushed = nonzero_and_flushed(dy2d, dy_q.data.view(torch.uint8))

@@ -106,6 +106,7 @@ from .._autograd import refuse_double_backward
 from ..formats import BF16, E4M3, E5M2
 from .quantize import quantize
 from .rounding import codes_to_tensor, round_to_code, round_to_code_reference
+from .spec import KernelSpec
 
 __all__ = [
     "attention", "FP8Attention", "attention_reference", "attention_fwd_reference", "attention_bwd_reference",
@@ -1056,7 +1057,6 @@ _MASK_ARGS = ("mask_ptr", "H", "stride_mb", "stride_mh", "stride_mq", "stride_mk
 
 
 def _aot_spec(kind: str, head_dim: int, causal: bool, out: str = "bf16", masked: bool = False):
-    from ..aot import KernelSpec
 
     cfg = _GPU_CONFIGS[max(64, block_d(head_dim))]
     bd = block_d(head_dim)

@@ -72,6 +72,7 @@ from ..formats import E8M0, Format, get_format
 from ..tensor import FP8Tensor, Scaling, expand_scale
 from .quantize import ROUNDINGS, SEED_LIMIT, quantize_reference
 from .rounding import abs_nan_as_inf, decode_codes, decode_codes_into, inv_scale_from_scale, round_to_code
+from .spec import KernelSpec
 
 try:  # host-side tensor descriptors (TMA); Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -948,14 +949,13 @@ _NOT_ALIGNED = ("seed",)
 
 def aot_spec(config: GemmConfig, a_fmt: str, b_fmt: str, a_scaling, b_scaling, out: str = "bf16",
              has_bias: bool = False, rounding: str = "nearest", variant: str = "pointer"):
-    """One :class:`tritonfp8.aot.KernelSpec` of a product kernel, specialized as the JIT
+    """One :class:`tritonfp8.ops.spec.KernelSpec` of a product kernel, specialized as the JIT
     specializes a K-major product whose sizes are multiples of 16.
 
     ``a_scaling`` / ``b_scaling`` are given as for quantize on the operand's own 2-D
     view ("mx" on b means 32 x 1 blocks); ``out`` is "fp32" / "bf16" / "fp16", or
     "e4m3" / "e5m2" for the fused fp8 output.
     """
-    from ..aot import KernelSpec
 
     a_s, b_s = Scaling.parse(a_scaling), Scaling.parse(b_scaling)
     if b_s.is_mx:

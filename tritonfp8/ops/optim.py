@@ -62,6 +62,7 @@ import triton.language as tl
 from .. import backend as _backend
 from ..formats import BF16, FP16, Format
 from .rounding import codes_to_tensor, philox_reference, round_to_code, round_to_code_reference, seed_tensor
+from .spec import KernelSpec
 
 BLOCK = 1024  # elements per program
 ALIGN = 16  # segments in a flat buffer start and end at multiples of this many elements
@@ -448,7 +449,6 @@ _TRITON_TYPE = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: 
 
 def aot_specs() -> list:
     """The configurations of the optimizer kernels that must compile for sm_89 / sm_90 / sm_100."""
-    from ..aot import KernelSpec
     specs = []
     sgd_cases = [  # (master, state, momentum, stochastic)
         (torch.float16, torch.float32, True, True),

@@ -42,6 +42,7 @@ from .rounding import (
     round_to_code_reference,
     seed_tensor,
 )
+from .spec import KernelSpec, signature_of
 
 ROUNDINGS = ("nearest", "stochastic")
 SEED_LIMIT = 2**63
@@ -670,7 +671,6 @@ def quantize(
 
 def aot_specs():
     """The cast kernel in every scaling mode, with and without the transposed copy."""
-    from ..aot import KernelSpec, signature_of
     from ..formats import E4M3, E5M2
 
     def spec(fmt, scaling, rounding, transpose, saturate=True, x_type="*fp32", m=1 << 30):
