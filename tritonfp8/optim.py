@@ -79,6 +79,14 @@ def _parse_dtype(value, allowed, what: str, allow_none: bool):
     return dtype
 
 
+def _is_dtensor(p: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(p, DTensor)
+
+
 def _gradient_accumulator_held(p: torch.Tensor) -> bool:
     """Whether anything besides ``p`` keeps its autograd gradient accumulator alive.
 
@@ -267,6 +275,12 @@ class _FusedOptimizer(torch.optim.Optimizer):
         by_dtype: dict = {}
         device = self._device
         for p in group["params"]:
+            if _is_dtensor(p):
+                raise TypeError(
+                    f"tf8.optim optimizers do not take DTensor parameters yet (shape {tuple(p.shape)}: sharded by "
+                    f"FSDP2 fully_shard or tensor parallelism), whose local shards live in storage the sharding "
+                    f"owns; use torch.optim.AdamW / SGD with FSDP2 (fp8_autocast and tf8.LossScaler work with it)"
+                )
             if not p.is_floating_point():
                 raise TypeError(
                     f"tf8.optim optimizers update floating-point parameters only, got a {p.dtype} parameter "
