@@ -574,16 +574,18 @@ def test_library_ops_opcheck():
         torch.library.opcheck(attn.attention_bwd_op, (torch.randn_like(o), o, lse, *codes, scales, False, 0.2))
 
 
-def test_custom_op_autograd_matches_the_function():
-    """torch.ops.tritonfp8.attention_fwd is differentiable itself (register_autograd), with the
-    same backward as FP8Attention."""
+def test_custom_op_autograd_is_the_backward_reference():
+    """attention() differentiates through torch.ops.tritonfp8.attention_fwd's registered
+    autograd (its only autograd path): the gradients are attention_bwd_reference's."""
     q, k, v = (t.requires_grad_(True) for t in _qkv((1, 1, 10, 16), (1, 1, 10, 16)))
     with reference():
-        o1 = torch.ops.tritonfp8.attention_fwd(q, k, v, True, 0.25)[0]
-        g1 = torch.autograd.grad(o1.square().sum(), (q, k, v))
-        o2 = attn.FP8Attention.apply(q, k, v, True, 0.25)
-        g2 = torch.autograd.grad(o2.square().sum(), (q, k, v))
-    assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+        o = attn.attention(q, k, v, causal=True, scale=0.25)
+        do = 2 * o.detach()
+        grads = torch.autograd.grad(o.square().sum(), (q, k, v))
+        o_op, lse, q8, k8, v8, scales = torch.ops.tritonfp8.attention_fwd(q, k, v, True, 0.25)
+        want = attn.attention_bwd_reference(do, o_op.detach(), lse, q8, k8, v8, scales, True, 0.25)
+    assert torch.equal(o, o_op)
+    assert all(torch.equal(a, b) for a, b in zip(grads, want))
 
 
 def test_traces_with_torch_compile_fullgraph():

@@ -356,7 +356,7 @@ def test_error_unsupported_parameter_dtype_without_master_dtype():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(state_dtype=torch.float16), "unsupported state_dtype"),
-    (dict(rounding="up"), "unknown rounding 'up'.*stochastic.*nearest"),
+    (dict(rounding="up"), "unknown rounding 'up'.*nearest.*stochastic"),
     (dict(nesterov=True), "nesterov=True requires momentum > 0"),
     (dict(lr=-1.0), "lr must be"),
     (dict(seed=-3), "seed must be"),

@@ -33,6 +33,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .formats import INPUT_DTYPES
 from .nn import functional as F8
 from .nn.modules import Conv1d as FP8Conv1d
 from .nn.modules import Conv2d as FP8Conv2d
@@ -119,7 +120,7 @@ def _ineligible(region: _Region, x, weight, k: int, n: int) -> str:
     if weight is not None and id(weight) in region.keep:
         return "kept in high precision by the recipe"
     for t in (x, weight):
-        if t is not None and t.dtype not in F8.SUPPORTED_DTYPES:
+        if t is not None and t.dtype not in INPUT_DTYPES:
             return f"dtype {t.dtype}"
         if t is not None and t.device.type not in ("cpu", "cuda"):
             return f"device {t.device}"

@@ -16,7 +16,23 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Format", "E4M3", "E5M2", "E8M0", "FP16", "BF16", "get_format", "FP8_FORMATS"]
+__all__ = ["Format", "E4M3", "E5M2", "E8M0", "FP16", "BF16", "get_format", "FP8_FORMATS",
+           "ROUNDINGS", "INPUT_DTYPES", "SEED_LIMIT", "check_seed"]
+
+# The rounding modes of every cast, product epilogue and optimizer update (numerics.md 2-3).
+ROUNDINGS = ("nearest", "stochastic")
+# High-precision dtypes the casts, products and attention take.
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Seeds of the Philox streams are ints in [0, SEED_LIMIT).
+SEED_LIMIT = 2**63
+
+
+def check_seed(seed, allow_none: bool = False) -> None:
+    """Raise unless ``seed`` is an int in [0, 2**63) (or None with ``allow_none``)."""
+    if seed is None and allow_none:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an int in [0, 2**63){' or None' if allow_none else ''}, got {seed!r}")
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ import torch
 from torch.autograd.graph import get_gradient_edge
 
 from . import _distributed
+from .formats import ROUNDINGS, check_seed
 from .ops import optim as _ops
 
 __all__ = ["SGD", "AdamW"]
@@ -250,11 +251,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
         group["state_dtype"] = _parse_dtype(group["state_dtype"], _ops.STATE_DTYPES, "state_dtype", False)
         if group["seed"] is None:
             group["seed"] = self.defaults["seed"]
-        if group["rounding"] not in _ops.ROUNDINGS:
-            raise ValueError(f"unknown rounding {group['rounding']!r}; use one of {_ops.ROUNDINGS}")
-        seed = group["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be an int in [0, 2**63) or None, got {seed!r}")
+        if group["rounding"] not in ROUNDINGS:
+            raise ValueError(f"unknown rounding {group['rounding']!r}; use one of {ROUNDINGS}")
+        check_seed(group["seed"])
         if not isinstance(group["lr"], (int, float)) or isinstance(group["lr"], bool) or not group["lr"] >= 0:
             raise ValueError(f"lr must be a float >= 0, got {group['lr']!r}")
         if not group["weight_decay"] >= 0:

@@ -17,10 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
-from .formats import get_format
+from .formats import ROUNDINGS, get_format
 from .tensor import Scaling
 
-ROUNDINGS = ("nearest", "stochastic")
 SCALE_SOURCES = ("current", "delayed")
 AMAX_REDUCTIONS = ("max", "most_recent")
 

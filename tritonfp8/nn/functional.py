@@ -17,11 +17,11 @@ from .._active import ERROR_COLLECTORS, OVERFLOW_TRACKERS
 from .._autograd import refuse_double_backward
 from ..ops.matmul import scaled_mm, transpose_view
 from ..ops.rounding import nonzero_and_flushed
+from ..formats import INPUT_DTYPES
 from ..recipe import Recipe, get_recipe
 from ..tensor import FP8Tensor
 from .state import LayerState
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _output_dtype(x: torch.Tensor) -> torch.dtype:
@@ -29,7 +29,7 @@ def _output_dtype(x: torch.Tensor) -> torch.dtype:
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        if dtype in SUPPORTED_DTYPES:
+        if dtype in INPUT_DTYPES:
             return dtype
     return x.dtype
 
@@ -37,7 +37,7 @@ def _output_dtype(x: torch.Tensor) -> torch.dtype:
 def check_fp8_inputs(x: torch.Tensor, weight: torch.Tensor, what: str) -> None:
     """Clear errors for inputs the fp8 ops do not take."""
     for name, t in (("input", x), ("weight", weight)):
-        if t.dtype not in SUPPORTED_DTYPES:
+        if t.dtype not in INPUT_DTYPES:
             raise TypeError(f"fp8 {what} takes float32, bfloat16 or float16 {name}s, got {t.dtype}")
         if t.device.type not in ("cpu", "cuda"):
             raise ValueError(f"fp8 {what} runs on CPU (reference) or CUDA (Triton) tensors, got {name} on {t.device}")
@@ -475,7 +475,7 @@ def attention_ineligible(q, k, v, attn_mask, dropout_p, enable_gqa, attention_im
         if attn_mask.requires_grad:
             return "attn_mask that requires grad (a learned bias, e.g. T5's)"
     for t in (q, k, v):
-        if t.dtype not in SUPPORTED_DTYPES:
+        if t.dtype not in INPUT_DTYPES:
             return f"dtype {t.dtype}"
     if not (q.dtype == k.dtype == v.dtype):
         return "mixed q/k/v dtypes"

@@ -103,18 +103,17 @@ import triton.language as tl
 
 from .. import backend as _backend
 from .._autograd import refuse_double_backward
-from ..formats import BF16, E4M3, E5M2
+from ..formats import BF16, E4M3, E5M2, INPUT_DTYPES
 from .quantize import quantize
 from .rounding import codes_to_tensor, round_to_code, round_to_code_reference
 from .spec import KernelSpec
 
 __all__ = [
-    "attention", "FP8Attention", "attention_reference", "attention_fwd_reference", "attention_bwd_reference",
+    "attention", "attention_reference", "attention_fwd_reference", "attention_bwd_reference",
     "quantize_operands", "quantize_heads", "HEAD_DIMS", "aot_specs",
 ]
 
 HEAD_DIMS = (16, 32, 64, 128)
-INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOG2E = math.log2(math.e)
 # Fixed scales of the in-kernel P quantization: the forward P (stabilized by the
 # integer row max) lies in [0, 2), the backward P (normalized) in [0, 1].
@@ -917,22 +916,6 @@ def _backward(ctx, do, *unused):
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class FP8Attention(torch.autograd.Function):
-    """Autograd of :func:`attention`: forward and backward through the ``tritonfp8::attention_fwd``
-    / ``tritonfp8::attention_bwd`` ops (Triton kernels, or the reference on the torch backend)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, causal: bool, sm_scale: float, mask2: Optional[torch.Tensor] = None):
-        o, lse, q8, k8, v8, scales = attention_fwd_op(q, k, v, causal, sm_scale, mask2)
-        ctx.save_for_backward(o, lse, q8, k8, v8, scales, mask2)
-        ctx.causal, ctx.sm_scale = causal, sm_scale
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        return _backward(ctx, do)
-
-
 def _sm_scale(q: torch.Tensor, scale) -> float:
     return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
@@ -1022,7 +1005,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
         shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         _validate_mask(attn_mask, shape, causal, q.device)
         mask2 = log2_mask(attn_mask, shape)
-    return FP8Attention.apply(q, k, v, causal, _sm_scale(q, scale), mask2)
+    # The op is differentiable itself (register_autograd above): the one autograd path.
+    return attention_fwd_op(q, k, v, causal, _sm_scale(q, scale), mask2)[0]
 
 
 def _validate_mask(attn_mask, shape: tuple, causal: bool, device) -> None:

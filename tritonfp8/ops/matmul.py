@@ -68,9 +68,9 @@ import triton
 import triton.language as tl
 
 from .. import backend as _backend
-from ..formats import E8M0, Format, get_format
+from ..formats import E8M0, ROUNDINGS, Format, check_seed, get_format
 from ..tensor import FP8Tensor, Scaling, expand_scale
-from .quantize import ROUNDINGS, SEED_LIMIT, quantize_reference
+from .quantize import quantize_reference
 from .rounding import abs_nan_as_inf, decode_codes, decode_codes_into, inv_scale_from_scale, round_to_code
 from .spec import KernelSpec
 
@@ -856,8 +856,7 @@ def scaled_mm(
     if rounding == "stochastic":
         if seed is None:
             raise ValueError("rounding='stochastic' needs seed=<int>; the same seed gives the same bits")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        check_seed(seed)
     if out_scale is not None:
         if not isinstance(out_scale, torch.Tensor) or out_scale.dtype != torch.float32 or out_scale.dim() != 0:
             raise ValueError("out_scale must be a float32 tensor of shape [] (a delayed tensor scale)")

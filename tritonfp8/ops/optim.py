@@ -69,7 +69,6 @@ ALIGN = 16  # segments in a flat buffer start and end at multiples of this many 
 NUM_WARPS = 4
 MASTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
-ROUNDINGS = ("stochastic", "nearest")
 
 # Format constants of the 16-bit targets, as constexpr globals the kernels may read
 # (through ``.value``: the interpreter hands globals over as constexpr objects, which

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .. import backend as _backend
-from ..formats import E8M0, Format, get_format
+from ..formats import E8M0, INPUT_DTYPES, ROUNDINGS, Format, check_seed, get_format
 from ..tensor import FP8Tensor, Scaling
 from .rounding import (
     abs_nan_as_inf,
@@ -44,9 +44,6 @@ from .rounding import (
 )
 from .spec import KernelSpec, signature_of
 
-ROUNDINGS = ("nearest", "stochastic")
-SEED_LIMIT = 2**63
-_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # How a head (the normal output, or the transposed copy) finds its scale, in the
 # coordinates of x's [M, K] view. Global modes read an amax computed beforehand;
@@ -551,7 +548,7 @@ def _(x, fmt, rounding, scaling, seed, saturate, transpose, scale, margin, power
 def _validate(x, fmt, rounding, scaling, seed, transpose, scale, margin):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"quantize expects a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _INPUT_DTYPES:
+    if x.dtype not in INPUT_DTYPES:
         hint = " (convert float64 to float32 first: rounding through float32 would round twice)" if x.dtype == torch.float64 else ""
         raise TypeError(f"quantize takes float32, bfloat16 or float16 tensors, got {x.dtype}{hint}")
     if rounding not in ROUNDINGS:
@@ -566,8 +563,7 @@ def _validate(x, fmt, rounding, scaling, seed, transpose, scale, margin):
     if rounding == "stochastic":
         if seed is None:
             raise ValueError("rounding='stochastic' needs seed=<int> (e.g. the step number); the same seed gives the same bits")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
-            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+        check_seed(seed)
     if not isinstance(margin, int) or isinstance(margin, bool):
         raise TypeError(f"margin must be an int (powers of two of headroom), got {margin!r}")
     if scale is not None:
