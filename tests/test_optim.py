@@ -464,3 +464,18 @@ def test_load_state_dict_rejects_other_state_dtype():
 
 
 # Ahead-of-time compilation (sm_89/90/100, no spills, no FMA contraction): tests/test_aot.py.
+
+
+def test_load_state_dict_of_its_own_state_dict_keeps_the_state():
+    """state_dict() returns views of the flat state buffers; loading it back into the same
+    optimizer (no copy in between) must not zero them before reading them."""
+    p = torch.nn.Parameter(torch.randn(40))
+    opt = tf8_optim.AdamW([p], lr=1e-2, master_dtype=torch.bfloat16, seed=3)
+    for _ in range(2):
+        p.grad = torch.randn(40).to(torch.bfloat16)
+        opt.step()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    assert before["exp_avg"].abs().sum() > 0
+    opt.load_state_dict(opt.state_dict())
+    for k, v in before.items():
+        assert torch.equal(opt.state[p][k], v), k

@@ -100,9 +100,22 @@ def cuda_ok() -> tuple[bool, str]:
         return False, "no CUDA device is visible to torch"
     if triton_interprets():
         return False, "Triton runs in interpreter mode (TRITON_INTERPRET=1)"
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) < (8, 9):
-        return False, f"fp8 tensor cores need compute capability 8.9 or newer, this GPU has {major}.{minor}"
+    return fp8_tensor_cores(torch.device("cuda", torch.cuda.current_device()))
+
+
+# fp8 tensor-core instructions: mma.sync e4m3/e5m2 from sm_89 (Ada), wgmma from sm_90.
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def fp8_tensor_cores(device) -> tuple[bool, str]:
+    """(present, "sm_XY" or why not) for the CUDA device ``device``: the one probe of the
+    compute capability that the compiled fp8 kernels need."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < FP8_MIN_CAPABILITY:
+        return False, (f"fp8 tensor cores need compute capability {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} "
+                       f"or newer, {device} has {major}.{minor}")
     return True, f"sm_{major}{minor}"
 
 

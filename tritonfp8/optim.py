@@ -33,6 +33,11 @@ the flat buffer (no copy). Parameters whose ``.grad`` is None are skipped, as in
 Do not move or cast the model (``.to()``, ``.half()``) after building the optimizer:
 that replaces the parameters' storage; ``step()`` detects it and raises.
 
+FSDP2 (DTensor parameters): convert the model to the master dtype before ``fully_shard``
+(the sharding owns the storage and its dtype); each rank's local shards are read into a
+flat buffer, updated by the fused kernel and written back, and ``state_dict()`` gives the
+state as DTensors for ``torch.distributed.checkpoint``.
+
 Data parallel (DDP): build the optimizer BEFORE wrapping the model in DDP. A dtype change
 (fp32 -> 16-bit master weights) replaces each parameter's autograd gradient accumulator,
 on which DDP hooks its all-reduce; built after DDP, the optimizer detects that and raises
@@ -88,6 +93,22 @@ def _is_dtensor(p: torch.Tensor) -> bool:
     return isinstance(p, DTensor)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view of the storage its sharding owns)."""
+    with torch.no_grad():
+        return t.to_local()
+
+
+def _shard_salt(p) -> int:
+    """1 + this rank's index among the shards of DTensor ``p`` (over its Shard mesh dims only,
+    so replicas of a shard share it)."""
+    mesh, coord, index = p.device_mesh, p.device_mesh.get_coordinate(), 0
+    for dim, placement in enumerate(p.placements):
+        if placement.is_shard():
+            index = index * mesh.size(dim) + coord[dim]
+    return 1 + index
+
+
 def _gradient_accumulator_held(p: torch.Tensor) -> bool:
     """Whether anything besides ``p`` keeps its autograd gradient accumulator alive.
 
@@ -119,15 +140,27 @@ def step_seed(base_seed: int, bucket: int, step: int) -> int:
 
 
 class _Bucket:
-    """The parameters of one param group with one dtype, stored in one flat buffer."""
+    """The parameters of one param group with one dtype, stored in one flat buffer.
 
-    def __init__(self, index: int, group_index: int, params: list, dtype: torch.dtype, device: torch.device):
+    A *sharded* bucket holds DTensor parameters (FSDP2): the flat buffer holds a copy of
+    this rank's local shards, the parameters keep the storage their sharding owns (they are
+    not rebound), and each update reads the shards in (so writes from outside, e.g. a
+    checkpoint loaded into the model, are seen) and copies its result back. ``seed_salt`` tells
+    the shards of one parameter apart (their element offsets coincide), and is the same
+    on replicas of a shard (HSDP), whose updates must round identically.
+    """
+
+    def __init__(self, index: int, group_index: int, params: list, dtype: torch.dtype, device: torch.device,
+                 sharded: bool = False, seed_salt: int = 0):
         self.index = index
         self.group_index = group_index
         self.params = params
         self.dtype = dtype
         self.device = device
-        self.numels = [p.numel() for p in params]
+        self.sharded = sharded
+        self.seed_salt = seed_salt
+        self.shapes = [_local(p).shape if sharded else p.shape for p in params]
+        self.numels = [_local(p).numel() if sharded else p.numel() for p in params]
         # Each segment is padded to ALIGN elements; the padding stays zero through every update.
         self.sizes = [-(-max(n, 1) // _ops.ALIGN) * _ops.ALIGN for n in self.numels]
         self.offsets = [0, *itertools.accumulate(self.sizes)][: len(params)]
@@ -144,14 +177,18 @@ class _Bucket:
         self._empty: Optional[torch.Tensor] = None
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
-        p = self.params[i]
-        return flat[self.offsets[i]: self.offsets[i] + self.numels[i]].view(p.shape)
+        return flat[self.offsets[i]: self.offsets[i] + self.numels[i]].view(self.shapes[i])
+
+    @property
+    def seed_index(self) -> int:
+        """The bucket's index in the Philox seed derivation (salted for shards)."""
+        return self.index + (self.seed_salt << 32)
 
     def fill(self) -> None:
         """Convert every parameter's values into the flat buffer (round to nearest); rebinds nothing."""
         with torch.no_grad():
             for i, p in enumerate(self.params):
-                src = p.detach()
+                src = _local(p) if self.sharded else p.detach()
                 dst = self.view(self.flat_param, i)
                 dst.copy_(src)
                 if src.dtype != self.dtype and bool((torch.isinf(dst) & torch.isfinite(src)).any()):
@@ -161,7 +198,10 @@ class _Bucket:
                     )
 
     def rebind(self) -> None:
-        """Make every ``p.data`` its view of the flat buffer (gradients are converted to its dtype)."""
+        """Make every ``p.data`` its view of the flat buffer (gradients are converted to its dtype).
+        Sharded buckets rebind nothing: they remember where the local shards live."""
+        if self.sharded:
+            return
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 grad = p.grad
@@ -173,6 +213,11 @@ class _Bucket:
 
     def check_storage(self) -> None:
         for i, p in enumerate(self.params):
+            if self.sharded:  # shards are copied in at every update: only their dtype must stay
+                if p.dtype != self.dtype:
+                    raise RuntimeError(f"a sharded parameter of shape {tuple(p.shape)} changed dtype from {self.dtype} "
+                                       f"to {p.dtype} after the optimizer was built; build it after casting the model")
+                continue
             if p.data_ptr() != self.ptrs[i] or p.dtype != self.dtype:
                 raise RuntimeError(
                     f"a parameter of shape {tuple(p.shape)} no longer lives in the optimizer's flat buffer "
@@ -197,12 +242,26 @@ class _Bucket:
                 continue
             if g.is_sparse:
                 raise RuntimeError("tf8.optim optimizers do not support sparse gradients")
-            if g.data_ptr() != view.data_ptr() or g.stride() != view.stride():
+            if self.sharded:  # p.grad stays the DTensor the sharding made; its local shard is copied
+                view.copy_(_local(g))
+            elif g.data_ptr() != view.data_ptr() or g.stride() != view.stride():
                 view.copy_(g)
                 p.grad = view
             self.dirty[i] = True
             members.append(i)
         return members
+
+    def read_shards(self, members) -> None:
+        """Sharded buckets: copy the current local shards of ``members`` into the flat buffer."""
+        if self.sharded:
+            for i in members:
+                self.view(self.flat_param, i).copy_(_local(self.params[i]))
+
+    def write_back(self, members) -> None:
+        """Sharded buckets: copy the updated values of ``members`` into the local shards."""
+        if self.sharded:
+            for i in members:
+                _local(self.params[i]).copy_(self.view(self.flat_param, i))
 
     def chunks(self, members: tuple) -> torch.Tensor:
         table = self._chunks.get(members)
@@ -274,11 +333,13 @@ class _FusedOptimizer(torch.optim.Optimizer):
         by_dtype: dict = {}
         device = self._device
         for p in group["params"]:
-            if _is_dtensor(p):
+            sharded = _is_dtensor(p)
+            if sharded and group["master_dtype"] not in (None, p.dtype):
                 raise TypeError(
-                    f"tf8.optim optimizers do not take DTensor parameters yet (shape {tuple(p.shape)}: sharded by "
-                    f"FSDP2 fully_shard or tensor parallelism), whose local shards live in storage the sharding "
-                    f"owns; use torch.optim.AdamW / SGD with FSDP2 (fp8_autocast and tf8.LossScaler work with it)"
+                    f"a DTensor parameter of shape {tuple(p.shape)} (sharded by FSDP2 fully_shard) is {p.dtype}, "
+                    f"master_dtype is {group['master_dtype']}: the sharding owns the storage and its dtype, so "
+                    f"convert the model (model.to({group['master_dtype']})) before fully_shard, or pass "
+                    f"master_dtype=None"
                 )
             if not p.is_floating_point():
                 raise TypeError(
@@ -304,9 +365,9 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     f"unsupported parameter dtype {p.dtype} (shape {tuple(p.shape)}); master weights are "
                     f"torch.float16, torch.bfloat16 or torch.float32: pass master_dtype= to convert"
                 )
-            by_dtype.setdefault(dtype, []).append(p)
-        buckets = [_Bucket(len(self._buckets) + i, group_index, params, dtype, device)
-                   for i, (dtype, params) in enumerate(by_dtype.items())]
+            by_dtype.setdefault((dtype, _shard_salt(p) if sharded else 0), []).append(p)
+        buckets = [_Bucket(len(self._buckets) + i, group_index, params, dtype, device, sharded=salt > 0, seed_salt=salt)
+                   for i, ((dtype, salt), params) in enumerate(by_dtype.items())]
         for bucket in buckets:  # every value is checked before any parameter is rebound
             for p in bucket.params:
                 if p.dtype != bucket.dtype and _gradient_accumulator_held(p):
@@ -403,8 +464,10 @@ class _FusedOptimizer(torch.optim.Optimizer):
             for step, positions in sorted(by_step.items()):
                 idx = tuple(members[pos] for pos in positions)
                 sub_inv = inv if len(positions) == len(members) else inv[torch.tensor(positions, device=inv.device)]
-                seed = step_seed(group["seed"], bucket.index, step + 1)
+                seed = step_seed(group["seed"], bucket.seed_index, step + 1)
+                bucket.read_shards(idx)
                 self._update(bucket, group, bucket.chunks(idx), sub_inv, seed, step + 1)
+                bucket.write_back(idx)
                 for i in idx:
                     self.state[bucket.params[i]]["step"] += 1
             bucket.fresh_state = False
@@ -412,6 +475,26 @@ class _FusedOptimizer(torch.optim.Optimizer):
 
     def _update(self, bucket, group, chunks, inv_scales, seed, step) -> None:
         raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """As ``torch.optim.Optimizer.state_dict``; the state of a DTensor parameter is a DTensor
+        of the parameter's global shape and placements (its local shard: what this rank holds),
+        so ``torch.distributed.checkpoint`` saves each rank's shard rather than one rank's."""
+        out = super().state_dict()
+        sharded = {p for b in self._buckets if b.sharded for p in b.params}
+        if not sharded:
+            return out
+        from torch.distributed.tensor import DTensor
+
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, st in out["state"].items():
+            p = params[index]
+            if p in sharded:
+                out["state"][index] = {
+                    k: v if k == "step" else DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
+                                                                 shape=p.shape, stride=p.stride())
+                    for k, v in st.items()}
+        return out
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of the same optimizer class and layout, copying into the flat buffers.
@@ -435,6 +518,14 @@ class _FusedOptimizer(torch.optim.Optimizer):
                 if key != "params":
                     group[key] = value
         bucket_of = {p: b for b in self._buckets for p in b.params}
+        # Detached copies first: the values may alias this optimizer's own buffers (the state
+        # dict of this very optimizer, or DTensors that torch.distributed.checkpoint loaded
+        # into them in place), which are zeroed below before the copy.
+        saved_states = {
+            pid: {k: (_local(v) if _is_dtensor(v) else v).clone() if isinstance(v, torch.Tensor) else v
+                  for k, v in saved_state.items()}
+            for pid, saved_state in state_dict["state"].items()
+        }
         with torch.no_grad():
             for bucket in self._buckets:  # every parameter starts fresh, then the saved state is copied in
                 self._ensure_state(bucket)
@@ -442,7 +533,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
                     flat.zero_()
                 for p in bucket.params:
                     self.state[p]["step"] = torch.tensor(0.0, dtype=torch.float32)
-            for pid, saved_state in state_dict["state"].items():
+            for pid, saved_state in saved_states.items():
                 if pid not in id_map:
                     raise ValueError(f"state dict has state for parameter index {pid}, which does not exist")
                 p = id_map[pid]

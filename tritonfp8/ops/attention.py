@@ -959,12 +959,9 @@ def _check_device(device: torch.device) -> None:
     """Compiled kernels need fp8 tensor cores (sm_89+); other devices use the reference."""
     if _backend.resolve(device) != "triton":
         return
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        raise RuntimeError(
-            f"fp8 attention kernels need an sm_89 or newer GPU (fp8 tensor cores), {device} is sm_{major}{minor}; "
-            "use tf8.set_backend('torch') to run the reference"
-        )
+    ok, why = _backend.fp8_tensor_cores(device)
+    if not ok:
+        raise RuntimeError(f"the fp8 attention kernels cannot run: {why}; use tf8.set_backend('torch') to run the reference")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
