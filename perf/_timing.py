@@ -52,8 +52,23 @@ def machine_info() -> dict:
         except OSError:
             pass
     else:
-        info.update(device=f"CPU: {platform.processor() or platform.machine()}", threads=torch.get_num_threads())
+        info.update(device=f"CPU: {platform.processor() or platform.machine()}", threads=torch.get_num_threads(),
+                    simd=cpu_simd())
     return info
+
+
+def cpu_simd() -> str:
+    """The vector extensions of this CPU that decide the CPU path's speed (AVX-512 doubles the
+    width of Inductor's loops; AVX512_BF16 / AMX make oneDNN's bf16 GEMMs fast), from
+    /proc/cpuinfo; 'unknown' elsewhere. torch's own view: torch.backends.cpu.get_cpu_capability()."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    have = [w for w in wanted if w in flags]
+    return "+".join(have) + f" (torch: {torch.backends.cpu.get_cpu_capability()})" if have else "none"
 
 
 def write_results(path_stem: str, rows: list[dict], info: dict, columns: list[str]) -> None:
