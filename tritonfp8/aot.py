@@ -26,7 +26,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from .ops.spec import KernelSpec, signature_of  # noqa: F401 - re-exported: the spec type of aot_specs()
+from .ops.spec import KernelSpec
 
 KERNEL_MODULES = ("tritonfp8.ops.quantize", "tritonfp8.ops.matmul", "tritonfp8.ops.attention", "tritonfp8.ops.optim")
 TARGETS = (89, 90, 100)

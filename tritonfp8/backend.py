@@ -31,6 +31,7 @@ import functools
 import os
 import sys
 import warnings
+from typing import Optional
 
 BACKENDS = ("auto", "triton", "interpret", "torch")
 _ENV = "TRITONFP8_BACKEND"
@@ -178,9 +179,11 @@ class _RunTimeInterpreter:
     _PACKAGES = ("triton.language", "tritonfp8")
 
     def __init__(self) -> None:
+        self.native: Optional[bool] = None  # Triton's own mode, fixed at its import (read once)
         self.active = False
         self.swapped: list = []  # (namespace, name, the compiled function)
         self.swept: set = set()
+        self.modules_seen = 0  # len(sys.modules) at the last sweep: ops sweep only after imports
         self.twins: dict = {}
         self.knob = None
 
@@ -188,6 +191,7 @@ class _RunTimeInterpreter:
         from triton.runtime.interpreter import InterpretedFunction
         from triton.runtime.jit import JITFunction
 
+        self.modules_seen = len(sys.modules)
         for module_name, module in list(sys.modules.items()):
             if module is None or module_name in self.swept:
                 continue
@@ -213,22 +217,28 @@ class _RunTimeInterpreter:
                 namespace[name] = compiled
             self.swapped.clear()
             self.swept.clear()
+            self.modules_seen = 0
             knobs.runtime.interpret = self.knob
             self.active = False
 
     def ensure(self) -> None:
-        """Make every kernel run interpreted (a no-op when Triton itself interprets)."""
-        if not self.active:
-            if triton_interprets():  # TRITON_INTERPRET=1 at Triton's import: nothing to swap
+        """Make every kernel run interpreted (a no-op when Triton itself interprets). Called by
+        every op that runs interpreted, so its steady state is two checks."""
+        if self.native is None:  # before any swap, so this reads Triton's own mode
+            self.native = triton_interprets()
+            if self.native:  # TRITON_INTERPRET=1 at Triton's import: nothing to swap
                 _interpreter_loop_bounds()
-                return
+        if self.native:
+            return
+        if not self.active:
             from triton import knobs
 
             self.knob = knobs.runtime.interpret
             knobs.runtime.interpret = True
             self.active = True
             _interpreter_loop_bounds()
-        self._sweep()
+        if len(sys.modules) != self.modules_seen:
+            self._sweep()
 
 
 _interpreter = _RunTimeInterpreter()

@@ -312,7 +312,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             group["seed"] = self.defaults["seed"]
         if group["rounding"] not in ROUNDINGS:
             raise ValueError(f"unknown rounding {group['rounding']!r}; use one of {ROUNDINGS}")
-        check_seed(group["seed"])
+        check_seed(group["seed"], allow_none=True)  # None was replaced by the default; the message says it is allowed
         if not isinstance(group["lr"], (int, float)) or isinstance(group["lr"], bool) or not group["lr"] >= 0:
             raise ValueError(f"lr must be a float >= 0, got {group['lr']!r}")
         if not group["weight_decay"] >= 0:

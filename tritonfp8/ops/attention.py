@@ -1038,7 +1038,6 @@ _MASK_ARGS = ("mask_ptr", "H", "stride_mb", "stride_mh", "stride_mq", "stride_mk
 
 
 def _aot_spec(kind: str, head_dim: int, causal: bool, out: str = "bf16", masked: bool = False):
-
     cfg = _GPU_CONFIGS[max(64, block_d(head_dim))]
     bd = block_d(head_dim)
     types = {"q_ptr": "*fp8e4nv", "k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv", "vt_ptr": "*fp8e4nv",
