@@ -24,6 +24,12 @@ if not ON_GPU:
     tf8.backend.ensure_interpreter()  # also for kernels the tests launch directly
 
 
+def compiled_env() -> dict:
+    """This process's environment without the interpreter switches: for a subprocess in which
+    Triton compiles (the AOT compiles, the run-time interpreter switch)."""
+    return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITONFP8_BACKEND")}
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

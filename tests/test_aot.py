@@ -4,11 +4,11 @@ spills no registers, and products use the fp8 tensor-core instructions.
 The compiles run in a subprocess: this test process has Triton in interpreter
 mode, and interpreted kernels cannot be compiled."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from conftest import compiled_env
 
 from tritonfp8.aot import KERNEL_MODULES, TARGETS
 
@@ -16,7 +16,7 @@ from tritonfp8.aot import KERNEL_MODULES, TARGETS
 @pytest.fixture(scope="module")
 def aot_rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "rows.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITONFP8_BACKEND")}
+    env = compiled_env()
     proc = subprocess.run(
         [sys.executable, "-m", "tritonfp8.aot", "--json", str(out), "--jobs", "2"],
         env=env, capture_output=True, text=True, timeout=1800,

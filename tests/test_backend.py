@@ -12,11 +12,6 @@ from tritonfp8.ops.matmul import transpose_view
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _clean_env():
-    """The environment of a process in which Triton compiles (no interpreter switch set)."""
-    return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITONFP8_BACKEND")}
-
-
 def _workload(inputs: dict) -> dict:
     """One of each kernel family on CPU tensors: cast, product, attention forward/backward, optimizer."""
     x, a_x, w_x = inputs["x"], inputs["a"], inputs["w"]
@@ -35,6 +30,14 @@ def _workload(inputs: dict) -> dict:
         "codes": q.data.view(torch.uint8), "codes_t": q.transposed.data.view(torch.uint8), "y": y,
         "o": o.detach(), "dq": qh.grad, "dk": kh.grad, "dv": vh.grad, "p": p.detach().view(torch.int16),
     }
+
+
+def compiled_env() -> dict:
+    # Imported here, not at the top: the run-time interpreter test's subprocess imports this
+    # module for _workload, and importing conftest would switch it to the interpreter.
+    from conftest import compiled_env as env
+
+    return env()
 
 
 def _inputs() -> dict:
@@ -74,7 +77,7 @@ def test_interpret_backend_chosen_at_run_time_runs_the_same_kernels(tmp_path):
     inputs = _inputs()
     torch.save(inputs, tmp_path / "in.pt")
     res = subprocess.run([sys.executable, "-c", _RUN_TIME, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                         capture_output=True, text=True, env=_clean_env(), cwd=ROOT, timeout=600)
+                         capture_output=True, text=True, env=compiled_env(), cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")
     with tf8.use_backend("torch"):
@@ -205,6 +208,6 @@ def test_every_module_imports_alone_in_a_fresh_interpreter():
     """Each module first in an interpreter that has imported nothing of tritonfp8 (a fork of
     one that loaded torch, triton and numpy, which would otherwise cost 2 s per module)."""
     res = subprocess.run([sys.executable, "-c", _IMPORT_EACH, *sorted(_package_modules())],
-                         capture_output=True, text=True, env=_clean_env(), cwd=ROOT, timeout=600)
+                         capture_output=True, text=True, env=compiled_env(), cwd=ROOT, timeout=600)
     last = res.stdout.strip().splitlines()[-1] if res.stdout.strip() else ""
     assert res.returncode == 0 and last == "ok", res.stdout[-2000:] + res.stderr[-3000:]

@@ -43,8 +43,9 @@ def _batch(step: int, overflow_rank=None):
     return x, y
 
 
-def _train(model, opt, scaler, rows, recipe, overflow_rank=None, steps=STEPS):
-    for step in range(steps):
+def _train(model, opt, scaler, rows, recipe, overflow_rank=None, steps=STEPS, first_step=0):
+    """Steps first_step .. first_step + steps - 1 of the schedule, on the batch rows ``rows``."""
+    for step in range(first_step, first_step + steps):
         x, y = _batch(step, overflow_rank)
         x, y = x[rows], y[rows]
         opt.zero_grad(set_to_none=False)
@@ -253,7 +254,7 @@ def _fsdp_worker(rank, init_file, out_dir, case):
             model_sd, opt_sd = get_state_dict(model, opt)
             dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=os.path.join(out_dir, "ckpt"))
             scaler_sd = scaler.state_dict()
-            _train_from(model, opt, scaler, rows, case["recipe"], steps)
+            _train(model, opt, scaler, rows, case["recipe"], steps=3, first_step=steps)
             result["continued"] = _full_params(model)
             model2 = _fsdp_model(mesh, dtype)
             opt2 = _fsdp_optimizer(model2, case)
@@ -263,25 +264,12 @@ def _fsdp_worker(rank, init_file, out_dir, case):
             set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
             scaler2 = tf8.LossScaler("dynamic")
             scaler2.load_state_dict(scaler_sd)
-            _train_from(model2, opt2, scaler2, rows, case["recipe"], steps)
+            _train(model2, opt2, scaler2, rows, case["recipe"], steps=3, first_step=steps)
             result["resumed"] = _full_params(model2)
         result.update(params=_full_params(model), skipped=scaler.skipped_steps, scale=scaler.get_scale())
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def _train_from(model, opt, scaler, rows, recipe, first_step, steps=3):
-    """Steps first_step .. first_step + steps - 1 of _train's schedule."""
-    for step in range(first_step, first_step + steps):
-        x, y = _batch(step)
-        opt.zero_grad()
-        with tf8.fp8_autocast(recipe):
-            loss = nn.functional.mse_loss(model(x[rows]), y[rows])
-        with tf8.training.tracking(scaler):
-            scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
 
 
 def _run_fsdp(tmp_path, case) -> list:

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import tritonfp8 as tf8
-from conftest import KERNEL_DEVICE, ON_GPU, kernels, reference
+from conftest import KERNEL_DEVICE, ON_GPU, compiled_env, kernels, reference
 from tritonfp8.ops import matmul as mm
 from tritonfp8.tensor import FP8Tensor, Scaling, expand_scale
 
@@ -335,7 +335,7 @@ ptx = k.asm["ptx"]
 regs = spec.constexprs["BLOCK_M"] * spec.constexprs["BLOCK_N"] // (32 * spec.num_warps)
 print(len(re.findall(r"\badd\.(?:rn\.)?f32\b", ptx)), regs, len(re.findall(r"wgmma\.mma_async\S*e4m3\.e4m3", ptx)))
 """
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITONFP8_BACKEND")}
+    env = compiled_env()
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert res.returncode == 0, res.stderr[-2000:]
