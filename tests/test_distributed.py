@@ -6,6 +6,7 @@ compares. Every worker seeds torch's RNG differently on purpose, so anything a r
 draws for itself (the optimizer's default seed, the layers' cast seeds) differs unless
 tritonfp8 agrees it across ranks.
 """
+import gc
 import os
 
 import pytest
@@ -223,6 +224,14 @@ def _full_params(model) -> list:
 
 
 def _fsdp_worker(rank, init_file, out_dir, case):
+    _fsdp_train_and_save(rank, init_file, out_dir, case)
+    # FSDP2's modules and states hold each other in reference cycles, with gloo work in
+    # them; left for interpreter shutdown they abort the process about half the time
+    # ("terminate called without an active exception"). Collect them while Python runs.
+    gc.collect()
+
+
+def _fsdp_train_and_save(rank, init_file, out_dir, case):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
