@@ -224,61 +224,63 @@ def _full_params(model) -> list:
 
 
 def _fsdp_worker(rank, init_file, out_dir, case):
-    _fsdp_train_and_save(rank, init_file, out_dir, case)
-    # FSDP2's modules and states hold each other in reference cycles, with gloo work in
-    # them; left for interpreter shutdown they abort the process about half the time
-    # ("terminate called without an active exception"). Collect them while Python runs.
-    gc.collect()
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        _fsdp_train_and_save(rank, out_dir, case)
+        # FSDP2's modules and states hold each other in reference cycles with gloo work in
+        # them; left to interpreter shutdown they aborted the process about half the time
+        # ("terminate called without an active exception"). Free them while the group
+        # lives, and let every rank get here before it goes.
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
-def _fsdp_train_and_save(rank, init_file, out_dir, case):
+def _fsdp_train_and_save(rank, out_dir, case):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        mesh = init_device_mesh("cpu", (WORLD,))
-        per = BATCH // WORLD
-        rows = slice(rank * per, (rank + 1) * per)
-        result = {}
-        dtype = case.get("dtype", torch.float32)
-        if case.get("wrap") == "ddp":
-            model = DDP(_model().to(dtype))
-        else:
-            model = _fsdp_model(mesh, dtype)
-        if case.get("probe_refusal"):
-            try:  # fp32 shards, bf16 masters: the sharding owns the dtype
-                tf8.optim.AdamW(model.parameters(), lr=1e-2, master_dtype=torch.bfloat16)
-            except TypeError as e:
-                result["error"] = str(e)
-        torch.manual_seed(1000 + rank)  # the optimizer's default seed must still agree
-        opt = _fsdp_optimizer(model, case)
-        scaler = tf8.LossScaler("dynamic", init_scale=2.0**10)
-        steps = case.get("steps", STEPS)
-        _train(model, opt, scaler, rows, case["recipe"], case.get("overflow_rank"), steps=steps)
-        if case.get("checkpoint"):
-            # Save after `steps`, train on; a fresh model and optimizer loaded from the
-            # checkpoint must then train to the same bits.
-            model_sd, opt_sd = get_state_dict(model, opt)
-            dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=os.path.join(out_dir, "ckpt"))
-            scaler_sd = scaler.state_dict()
-            _train(model, opt, scaler, rows, case["recipe"], steps=3, first_step=steps)
-            result["continued"] = _full_params(model)
-            model2 = _fsdp_model(mesh, dtype)
-            opt2 = _fsdp_optimizer(model2, case)
-            model_sd2, opt_sd2 = get_state_dict(model2, opt2)
-            state = {"model": model_sd2, "optim": opt_sd2}
-            dcp.load(state, checkpoint_id=os.path.join(out_dir, "ckpt"))
-            set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
-            scaler2 = tf8.LossScaler("dynamic")
-            scaler2.load_state_dict(scaler_sd)
-            _train(model2, opt2, scaler2, rows, case["recipe"], steps=3, first_step=steps)
-            result["resumed"] = _full_params(model2)
-        result.update(params=_full_params(model), skipped=scaler.skipped_steps, scale=scaler.get_scale())
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    per = BATCH // WORLD
+    rows = slice(rank * per, (rank + 1) * per)
+    result = {}
+    dtype = case.get("dtype", torch.float32)
+    if case.get("wrap") == "ddp":
+        model = DDP(_model().to(dtype))
+    else:
+        model = _fsdp_model(mesh, dtype)
+    if case.get("probe_refusal"):
+        try:  # fp32 shards, bf16 masters: the sharding owns the dtype
+            tf8.optim.AdamW(model.parameters(), lr=1e-2, master_dtype=torch.bfloat16)
+        except TypeError as e:
+            result["error"] = str(e)
+    torch.manual_seed(1000 + rank)  # the optimizer's default seed must still agree
+    opt = _fsdp_optimizer(model, case)
+    scaler = tf8.LossScaler("dynamic", init_scale=2.0**10)
+    steps = case.get("steps", STEPS)
+    _train(model, opt, scaler, rows, case["recipe"], case.get("overflow_rank"), steps=steps)
+    if case.get("checkpoint"):
+        # Save after `steps`, train on; a fresh model and optimizer loaded from the
+        # checkpoint must then train to the same bits.
+        model_sd, opt_sd = get_state_dict(model, opt)
+        dcp.save({"model": model_sd, "optim": opt_sd}, checkpoint_id=os.path.join(out_dir, "ckpt"))
+        scaler_sd = scaler.state_dict()
+        _train(model, opt, scaler, rows, case["recipe"], steps=3, first_step=steps)
+        result["continued"] = _full_params(model)
+        model2 = _fsdp_model(mesh, dtype)
+        opt2 = _fsdp_optimizer(model2, case)
+        model_sd2, opt_sd2 = get_state_dict(model2, opt2)
+        state = {"model": model_sd2, "optim": opt_sd2}
+        dcp.load(state, checkpoint_id=os.path.join(out_dir, "ckpt"))
+        set_state_dict(model2, opt2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        scaler2 = tf8.LossScaler("dynamic")
+        scaler2.load_state_dict(scaler_sd)
+        _train(model2, opt2, scaler2, rows, case["recipe"], steps=3, first_step=steps)
+        result["resumed"] = _full_params(model2)
+    result.update(params=_full_params(model), skipped=scaler.skipped_steps, scale=scaler.get_scale())
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _run_fsdp(tmp_path, case) -> list:
