@@ -9,6 +9,7 @@ updated with stochastic rounding, and enhanced loss scaling. At the end rank 0 c
 that all replicas hold the same bits and prints the loss.
 """
 import argparse
+import gc
 import os
 
 import torch
@@ -69,6 +70,11 @@ def main() -> None:
     if rank == 0:
         print(f"ranks {world}  steps {args.steps}  mean loss {losses[0].item():.4f} -> {losses[1].item():.4f}  "
               f"skipped {scaler.skipped_steps}  replicas identical: {bool(same.item())}")
+    # gloo frees a finished collective's tensors on its own threads (taking the GIL): free
+    # the model and end with a barrier before the group goes, or teardown can deadlock.
+    del model, opt, scaler
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

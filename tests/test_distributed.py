@@ -66,31 +66,49 @@ def _optimizer(model, case):
 
 
 def _worker(rank, init_file, out_dir, case):
+    _in_group(rank, init_file, _ddp_train_and_save, rank, out_dir, case)
+
+
+def _in_group(rank, init_file, work, *args):
+    """Run ``work(*args)`` in a 2-rank gloo group, and tear the group down safely.
+
+    gloo's worker threads drop a finished collective's tensors later, which takes the GIL; a
+    group destroyed (by the main thread, holding the GIL) at that moment deadlocks, and one
+    left to interpreter shutdown can abort ("terminate called without an active exception").
+    FSDP2's modules and DDP's reducer hold the group from reference cycles. So: ``work``'s
+    objects are freed (its frame has returned, cycles collected) while the group lives, and a
+    barrier, whose tensors are gloo's own, is the last collective before the group goes."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        model = _model()
-        if case.get("model_in_master_dtype"):
-            model = model.to(case["master_dtype"])
-        torch.manual_seed(1000 + rank)  # what a rank draws for itself differs across ranks
-        if case["order"] == "before":
-            opt = _optimizer(model, case)
-            ddp = DDP(model)
-        else:
-            ddp = DDP(model)
-            try:
-                opt = _optimizer(ddp, case)
-            except RuntimeError as e:
-                torch.save({"error": str(e)}, os.path.join(out_dir, f"rank{rank}.pt"))
-                return
-        scaler = tf8.LossScaler(case["scaler"], init_scale=case.get("init_scale", 2.0**10))
-        per = BATCH // WORLD
-        _train(ddp, opt, scaler, slice(rank * per, (rank + 1) * per), case["recipe"], case.get("overflow_rank"))
-        torch.save({
-            "params": [p.detach().clone() for p in model.parameters()],
-            "skipped": scaler.skipped_steps, "scale": scaler.get_scale(),
-        }, os.path.join(out_dir, f"rank{rank}.pt"))
+        work(*args)
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _ddp_train_and_save(rank, out_dir, case):
+    model = _model()
+    if case.get("model_in_master_dtype"):
+        model = model.to(case["master_dtype"])
+    torch.manual_seed(1000 + rank)  # what a rank draws for itself differs across ranks
+    if case["order"] == "before":
+        opt = _optimizer(model, case)
+        ddp = DDP(model)
+    else:
+        ddp = DDP(model)
+        try:
+            opt = _optimizer(ddp, case)
+        except RuntimeError as e:
+            torch.save({"error": str(e)}, os.path.join(out_dir, f"rank{rank}.pt"))
+            return
+    scaler = tf8.LossScaler(case["scaler"], init_scale=case.get("init_scale", 2.0**10))
+    per = BATCH // WORLD
+    _train(ddp, opt, scaler, slice(rank * per, (rank + 1) * per), case["recipe"], case.get("overflow_rank"))
+    torch.save({
+        "params": [p.detach().clone() for p in model.parameters()],
+        "skipped": scaler.skipped_steps, "scale": scaler.get_scale(),
+    }, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _run(tmp_path, case) -> list:
@@ -224,17 +242,7 @@ def _full_params(model) -> list:
 
 
 def _fsdp_worker(rank, init_file, out_dir, case):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        _fsdp_train_and_save(rank, out_dir, case)
-        # FSDP2's modules and states hold each other in reference cycles with gloo work in
-        # them; left to interpreter shutdown they aborted the process about half the time
-        # ("terminate called without an active exception"). Free them while the group
-        # lives, and let every rank get here before it goes.
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    _in_group(rank, init_file, _fsdp_train_and_save, rank, out_dir, case)
 
 
 def _fsdp_train_and_save(rank, out_dir, case):
