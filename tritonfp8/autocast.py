@@ -23,7 +23,6 @@ import math
 import warnings
 import threading
 import weakref
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -31,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .formats import INPUT_DTYPES
 from .nn import functional as F8
@@ -43,8 +41,11 @@ from .nn.state import ROLES, LayerState
 from .recipe import Recipe, get_recipe
 
 _local = threading.local()
-# weight tensor -> {recipe name: LayerState}; outlives regions, dies with the weight.
-_STATES: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+# id(weight) -> {recipe name: LayerState}; outlives regions, dies with the weight (a weakref
+# callback drops the entry before the id can be reused). A plain dict, which torch.compile
+# reads while tracing; states are made outside the trace (see _new_layer_state).
+_STATES: dict[int, dict] = {}
+_STATE_OWNERS: dict[int, "weakref.ref"] = {}
 
 
 def _stack() -> list:
@@ -65,7 +66,7 @@ class LayerRecord:
     shape: str
     fp8_calls: int = 0
     high_precision_calls: int = 0
-    reasons: Counter = field(default_factory=Counter)
+    reasons: dict = field(default_factory=dict)  # reason -> calls
     fp8_flops: float = 0.0
     high_precision_flops: float = 0.0
     state: Optional[LayerState] = field(default=None, repr=False, compare=False)
@@ -79,33 +80,74 @@ class _Region:
         self.learn = learn  # learn(module): name its layers and apply the recipe's keep rules
 
     def record(self, op: str, weight: Optional[torch.Tensor], shape: str, fp8: bool, reason: str = "",
-               flops: float = 0.0) -> None:
-        name = self.names.get(id(weight), f"{op}{shape}") if weight is not None else f"{op}{shape}"
-        row = self.summary.setdefault(name, LayerRecord(op, shape))
+               flops: int = 0) -> None:
+        """Count one call in the summary when it runs: through :func:`_record_op`, which a
+        compiled graph keeps as a node, so compiled calls count as eager ones do."""
+        row = _ROW_SEP.join((op, "" if weight is None else str(id(weight)), shape, "1" if fp8 else "", reason))
+        _record_op(_RECORD_TOKEN, row, flops)
+
+    def count(self, row: str, flops: int) -> None:
+        op, weight_id, shape, fp8, reason = row.split(_ROW_SEP)
+        name = self.names.get(int(weight_id), f"{op}{shape}") if weight_id else f"{op}{shape}"
+        record = self.summary.get(name)
+        if record is None:
+            record = self.summary[name] = LayerRecord(op, shape)
         if fp8:
-            row.fp8_calls += 1
-            row.fp8_flops += flops
-            if weight is not None and row.state is None:
-                row.state = self.state_for(weight)
+            record.fp8_calls += 1
+            record.fp8_flops += flops
+            if weight_id and record.state is None:
+                record.state = _STATES.get(int(weight_id), {}).get(self.recipe.name)
         else:
-            row.high_precision_calls += 1
-            row.high_precision_flops += flops
-            row.reasons[reason] += 1
+            record.high_precision_calls += 1
+            record.high_precision_flops += flops
+            record.reasons[reason] = record.reasons.get(reason, 0) + 1
 
     def state_for(self, weight: torch.Tensor) -> LayerState:
-        state = _layer_state(weight, self.recipe)
-        state.count_casts()  # what the report's saturated / flushed fractions read
-        return state
+        return _layer_state(weight, self.recipe)
+
+
+_ROW_SEP = "\x1f"
+# The record op's one tensor: none of the model's, so that no backward graph needs it (AOT
+# autograd copies a side-effecting node into the backward when the backward holds its inputs).
+_RECORD_TOKEN = torch.empty(0)
+
+
+@torch.library.custom_op("tritonfp8::autocast_record", mutates_args=())
+def _record_op(token: torch.Tensor, row: str, flops: int) -> None:
+    """Count a call of the summary row ``row`` (op, weight id, shape, fp8, reason) in the
+    innermost region of this thread, when the call runs."""
+    stack = _stack()
+    if stack:
+        stack[-1].count(row, flops)
+
+
+@_record_op.register_fake
+def _(token, row, flops):
+    return None
+
+
+torch.fx.node.has_side_effect(torch.ops.tritonfp8.autocast_record.default)  # no graph may drop it
 
 
 def _layer_state(weight: torch.Tensor, recipe: Recipe) -> LayerState:
     """The fp8 state of ``weight``'s layer under ``recipe`` (made on first use)."""
-    per_recipe = _STATES.get(weight)
-    if per_recipe is None:
-        per_recipe = _STATES[weight] = {}
+    state = _STATES.get(id(weight), {}).get(recipe.name)
+    return state if state is not None else _new_layer_state(weight, recipe)
+
+
+@torch._dynamo.disable
+def _new_layer_state(weight: torch.Tensor, recipe: Recipe) -> LayerState:
+    """Made eagerly: a region makes the states of the layers it learns before any trace (see
+    fp8_autocast.watch), so a compiled model finds them; one made here inside a compiled
+    function costs a graph break there."""
+    key = id(weight)
+    if key not in _STATE_OWNERS:
+        _STATE_OWNERS[key] = weakref.ref(weight, lambda _, key=key: (_STATES.pop(key, None), _STATE_OWNERS.pop(key, None)))
+    per_recipe = _STATES.setdefault(key, {})
     state = per_recipe.get(recipe.name)
     if state is None:
         state = per_recipe[recipe.name] = LayerState(recipe, weight.device)
+        state.count_casts()  # what the report's saturated / flushed fractions read
     return state
 
 
@@ -155,7 +197,7 @@ def _linear_product(region: _Region, op: str, func, args, kwargs, x, weight, wei
     (weight_nk may be its view)."""
     n, k = weight_nk.shape if weight_nk.dim() == 2 else (0, 0)
     why = _ineligible(region, x, weight, k, n)
-    flops = 2.0 * (x.numel() // max(k, 1)) * n * k if isinstance(x, torch.Tensor) else 0.0
+    flops = 2 * (x.numel() // max(k, 1)) * n * k if isinstance(x, torch.Tensor) else 0
     region.record(op, weight, shape, not why, why, flops)
     if why:
         return _high_precision(func, args, kwargs, x, weight, bias), False
@@ -203,11 +245,11 @@ def _not_a_layer(region: _Region, op: str, func, args, kwargs, a, b):
     return func(*args, **kwargs)
 
 
-def _mm_flops(a, b) -> float:
+def _mm_flops(a, b) -> int:
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.dim() == 0 or b.dim() == 0:
-        return 0.0
+        return 0
     k = a.shape[-1]
-    return 2.0 * (a.numel() // max(k, 1)) * k * (b.numel() // max(k, 1))
+    return 2 * (a.numel() // max(k, 1)) * k * (b.numel() // max(k, 1))
 
 
 def _conv(region: _Region, func, args, kwargs):
@@ -225,7 +267,7 @@ def _conv(region: _Region, func, args, kwargs):
            else f"input is not {F8.CONV_LAYOUTS.get(nd, 'batched')} (unbatched inputs run in high precision)")
     y = _high_precision(func, args, kwargs, x, weight, bias) if why else F8.conv(
         x, weight, bias, stride, padding, dilation, groups, region.recipe, region.state_for(weight))
-    region.record(op, weight, shape, not why, why, 2.0 * y.numel() * k)
+    region.record(op, weight, shape, not why, why, 2 * y.numel() * k)
     return y
 
 
@@ -234,7 +276,7 @@ def _conv_transpose(region: _Region, func, args, kwargs):
     y = _high_precision(func, args, kwargs, x, weight, bias)
     nd = weight.dim() - 2
     region.record(f"conv_transpose{nd}d", weight, "[" + "x".join(map(str, weight.shape)) + "]", False,
-                  "transposed convolution (not in fp8)", 2.0 * x.numel() * math.prod(weight.shape[1:]))
+                  "transposed convolution (not in fp8)", 2 * x.numel() * math.prod(weight.shape[1:]))
     return y
 
 
@@ -256,17 +298,19 @@ def _sdpa(region: _Region, func, args, kwargs):
     why = F8.attention_ineligible(q, k, v, attn_mask, dropout_p, enable_gqa, _attention_impl(),
                                   is_causal=bool(is_causal))
     n_q, n_k = (q.shape[-2], k.shape[-2]) if q.dim() >= 2 and k.dim() >= 2 else (0, 0)
-    flops = 4.0 * (q.numel() // max(q.shape[-1], 1)) * n_k * q.shape[-1] * (0.5 if is_causal and n_q == n_k else 1.0)
+    flops = (2 if is_causal and n_q == n_k else 4) * (q.numel() // max(q.shape[-1], 1)) * n_k * q.shape[-1]
     region.record("attention", None, f"[d={q.shape[-1]}]", not why, why, flops)
     if why:
         return func(*args, **kwargs)
     return _attention_impl()(q, k, v, causal=bool(is_causal), scale=scale, attn_mask=attn_mask, enable_gqa=enable_gqa)
 
 
+_MHA_PARAMETERS = tuple(inspect.signature(F.multi_head_attention_forward).parameters)  # read once: not traceable
+
+
 def _mha(region: _Region, func, args, kwargs):
     """F.multi_head_attention_forward re-expressed with fp8 linear + fp8 attention."""
-    names = list(inspect.signature(F.multi_head_attention_forward).parameters)
-    bound = dict(zip(names, args))
+    bound = dict(zip(_MHA_PARAMETERS, args))
     bound.update(kwargs)
     why = F8.mha_ineligible(bound, _attention_impl())
     if not why:
@@ -275,7 +319,7 @@ def _mha(region: _Region, func, args, kwargs):
     q, e = bound["query"], bound["embed_dim_to_check"]
     tokens = q.numel() // max(e, 1)
     n_k = bound["key"].shape[0]
-    flops = 2.0 * tokens * e * 4 * e + 4.0 * tokens * n_k * e  # projections + attention
+    flops = 2 * tokens * e * 4 * e + 4 * tokens * n_k * e  # projections + attention
     region.record("multi_head_attention", bound.get("out_proj_weight"), f"[e={e}]", not why, why, flops)
     if why:
         return func(*args, **kwargs)
@@ -450,11 +494,17 @@ class fp8_autocast(contextlib.ContextDecorator):
         conv and last linear would be kept) or to name layers before the first call."""
         self._watched.add(model)
         for name, module in model.named_modules():
+            name = name.removeprefix("_orig_mod.").removeprefix("_orig_mod")  # torch.compile's wrapper
             for pname, p in module.named_parameters(recurse=False):
                 self._names.setdefault(id(p), f"{name}.{pname}" if name else pname)
         for module in kept_modules(model, self.recipe):
             if getattr(module, "weight", None) is not None:
                 self._keep.add(id(module.weight))
+        # The states of every matrix and filter, made now (eagerly): a compiled model's trace
+        # only looks them up.
+        for p in model.parameters():
+            if p.dim() >= 2 and id(p) not in self._keep:
+                _layer_state(p, self.recipe)
         return self
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -464,7 +514,7 @@ class fp8_autocast(contextlib.ContextDecorator):
         both, a resumed run is bit-identical (stochastic and delayed recipes included)."""
         state = {}
         for name, p in model.named_parameters():
-            layer = _STATES.get(p, {}).get(self.recipe.name)
+            layer = _STATES.get(id(p), {}).get(self.recipe.name)
             if layer is not None:
                 state.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
         return state

@@ -17,12 +17,15 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["Format", "E4M3", "E5M2", "E8M0", "FP16", "BF16", "get_format", "FP8_FORMATS",
-           "ROUNDINGS", "INPUT_DTYPES", "SEED_LIMIT", "check_seed"]
+           "ROUNDINGS", "INPUT_DTYPES", "DTYPE_NAMES", "DTYPES_BY_NAME", "SEED_LIMIT", "check_seed"]
 
 # The rounding modes of every cast, product epilogue and optimizer update (numerics.md 2-3).
 ROUNDINGS = ("nearest", "stochastic")
 # High-precision dtypes the casts, products and attention take.
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Their names, as the torch.library ops take dtypes.
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 # Seeds of the Philox streams are ints in [0, SEED_LIMIT).
 SEED_LIMIT = 2**63
 

@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from .._active import ERROR_COLLECTORS, OVERFLOW_TRACKERS
 from .._autograd import refuse_double_backward
 from ..ops.matmul import scaled_mm, transpose_view
+from ..ops.quantize import quantize
 from ..ops.rounding import nonzero_and_flushed
-from ..formats import INPUT_DTYPES
+from ..formats import DTYPE_NAMES, DTYPES_BY_NAME, INPUT_DTYPES, get_format
 from ..recipe import Recipe, get_recipe
 from ..tensor import FP8Tensor
-from .state import LayerState
+from .state import LayerState, state_of
 
 
 
@@ -89,68 +90,116 @@ def _delayed_scale(q: FP8Tensor, recipe: Recipe) -> Optional[torch.Tensor]:
     return q.scale if recipe.weight.scale_source == "delayed" else None
 
 
-class _FP8LinearFunction(torch.autograd.Function):
-    """y = x W^T + b with the forward, input-gradient and weight-gradient products in fp8.
+# The products are torch.library ops with their autograd registered, so torch.compile
+# traces them as single nodes (no graph break) and eager runs the same code. A layer is
+# passed as its state's int handle: the per-layer bookkeeping (seeds, call counter,
+# delayed-scaling histories, cast counts, the LossScaler's and Trainer's error records)
+# runs when the op runs, eagerly or compiled, never at trace time.
+_EMPTY = (0,)
 
-    Saved for backward: the fp8 transposed copy of x (x^T quantized along the token dim,
-    for dW) and its scale, and W itself (a parameter, no copy): dx's operand W^T is recast
-    from it with the forward's seed and scale (the same bits).
-    """
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, recipe: Recipe, state: LayerState):
-        k = x.shape[-1]
-        n = weight.shape[0]
-        x2d = x.reshape(-1, k)
-        need_dx = ctx.needs_input_grad[0]
-        need_dw = ctx.needs_input_grad[1]
-        x_q = state.quantize(x2d, "activation", recipe.activation, transpose=need_dw)
-        ctx.weight_seed = state.seed("weight")
-        w_q = state.quantize(weight, "weight", recipe.weight, transpose=False, seed=ctx.weight_seed)
-        out_dtype = _output_dtype(x)
-        y = scaled_mm(x_q, transpose_view(w_q), bias=bias, out_dtype=out_dtype)
-        ctx.recipe, ctx.state = recipe, state
-        # Seeds of the backward casts are fixed now, so each call's backward draws its own bits.
-        ctx.error_seed, ctx.wgrad_seed = state.seed("error"), state.seed("weight_grad")
-        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        # Only fp8 data and scales are saved; the FP8Tensor wrappers are rebuilt in backward.
-        saved, ctx.x_t_meta, ctx.need_dx = [], None, need_dx
-        if need_dw:
-            ctx.x_t_meta = (x_q.transposed.fmt, x_q.transposed.scaling)
-            saved += [x_q.transposed.data, x_q.transposed.scale]
-        if need_dx:
-            delayed = _delayed_scale(w_q, recipe)
-            ctx.has_delayed_scale = delayed is not None
-            saved += [weight] + ([delayed] if delayed is not None else [])
-        ctx.save_for_backward(*saved)
-        state.calls += 1
-        return y.reshape(*x.shape[:-1], n)
+def _empty(like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return like.new_empty(_EMPTY, dtype=dtype)
 
-    @staticmethod
-    def backward(ctx, dy):
-        refuse_double_backward("linear")
-        recipe, state = ctx.recipe, ctx.state
-        saved = list(ctx.saved_tensors)
-        x_t = FP8Tensor(saved.pop(0), saved.pop(0), *ctx.x_t_meta) if ctx.x_t_meta else None
-        w_t = None
-        if ctx.need_dx:
-            weight = saved.pop(0)
-            delayed = saved.pop(0) if ctx.has_delayed_scale else None
-            w_t = _recast_weight(state, weight, recipe, ctx.weight_seed, delayed)
-        n = dy.shape[-1]
-        dy2d = dy.reshape(-1, n)
-        dy_q = _quantize_error(state, recipe, dy2d, x_t is not None, ctx.error_seed)
-        dx = dw = db = None
-        if w_t is not None:
-            # dx [T, K] = dy [T, N] @ W [N, K]; b is W^T quantized along N, viewed as [N, K].
-            dx = scaled_mm(dy_q, transpose_view(w_t), out_dtype=ctx.x_dtype).reshape(ctx.x_shape)
-        if x_t is not None:
-            dw = _weight_grad(dy_q, x_t, recipe, ctx.wgrad_seed, ctx.w_dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2d.float().sum(0).to(ctx.bias_dtype)
-        return dx, dw, db, None, None
+
+def _seeds_tensor(state: LayerState) -> torch.Tensor:
+    """int64 [3] on the CPU: the seeds of this call's weight, error and weight-gradient casts."""
+    return torch.tensor([state.seed("weight"), state.seed("error"), state.seed("weight_grad")], dtype=torch.int64)
+
+
+@torch.library.custom_op("tritonfp8::linear_fwd", mutates_args=())
+def _linear_fwd_op(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], layer: str,
+                   out_dtype: str, need_dx: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor, torch.Tensor]:
+    """x2d [M, K] @ weight^T [K, N] (+ bias) in fp8 -> (y [M, N], for the backward: x^T's
+    codes [K, M] and scale (empty unless need_dw), the weight's delayed scale (empty unless
+    delayed and need_dx), the seeds int64 [3] (CPU))."""
+    state = state_of(layer)
+    recipe = state.recipe
+    x_q = state.quantize(x2d, "activation", recipe.activation, transpose=need_dw)
+    seeds = _seeds_tensor(state)
+    w_q = state.quantize(weight, "weight", recipe.weight, transpose=False, seed=int(seeds[0]))
+    y = scaled_mm(x_q, transpose_view(w_q), bias=bias, out_dtype=DTYPES_BY_NAME[out_dtype])
+    state.calls += 1
+    x_t = x_q.transposed
+    delayed = _delayed_scale(w_q, recipe) if need_dx else None
+    return (y, x_t.data if need_dw else _empty(x2d, torch.uint8), x_t.scale if need_dw else _empty(x2d),
+            delayed.clone() if delayed is not None else _empty(x2d), seeds)
+
+
+@_linear_fwd_op.register_fake
+def _(x2d, weight, bias, layer, out_dtype, need_dx, need_dw):
+    recipe = state_of(layer).recipe
+    y = x2d.new_empty((x2d.shape[0], weight.shape[0]), dtype=DTYPES_BY_NAME[out_dtype])
+    if need_dw:  # the cast's own fake gives the transposed copy's codes and scale
+        a = recipe.activation
+        x_t = quantize(x2d, a.fmt, "nearest", a.parsed_scaling, transpose=True).transposed
+        x_t_data, x_t_scale = x_t.data, x_t.scale
+    else:
+        x_t_data, x_t_scale = _empty(x2d, torch.uint8), _empty(x2d)
+    delayed = x2d.new_empty(()) if need_dx and recipe.weight.scale_source == "delayed" else _empty(x2d)
+    return y, x_t_data, x_t_scale, delayed, torch.empty(3, dtype=torch.int64)
+
+
+@torch.library.custom_op("tritonfp8::linear_bwd", mutates_args=())
+def _linear_bwd_op(dy2d: torch.Tensor, x_t_data: torch.Tensor, x_t_scale: torch.Tensor, weight: torch.Tensor,
+                   delayed: torch.Tensor, seeds: torch.Tensor, layer: str, x_dtype: str, need_dx: bool,
+                   need_dw: bool, bias_dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of :func:`_linear_fwd_op`: dy2d [M, N] -> (dx [M, K], dW [N, K], db [N]),
+    each empty where not needed (bias_dtype "" when there is no bias gradient)."""
+    state = state_of(layer)
+    recipe = state.recipe
+    weight_seed, error_seed, wgrad_seed = seeds.tolist()
+    x_t = None
+    if need_dw:
+        a = recipe.activation
+        x_t = FP8Tensor(x_t_data, x_t_scale, get_format(a.fmt), a.parsed_scaling)
+    dy_q = _quantize_error(state, recipe, dy2d, need_dw, error_seed)
+    dx, dw, db = _empty(dy2d), _empty(dy2d), _empty(dy2d)  # three tensors: outputs may not alias
+    if need_dx:
+        # dx [M, K] = dy [M, N] @ W [N, K]; b is W^T quantized along N, viewed as [N, K].
+        w_t = _recast_weight(state, weight, recipe, weight_seed, delayed if delayed.numel() else None)
+        dx = scaled_mm(dy_q, transpose_view(w_t), out_dtype=DTYPES_BY_NAME[x_dtype])
+    if need_dw:
+        dw = _weight_grad(dy_q, x_t, recipe, wgrad_seed, weight.dtype)
+    if bias_dtype:
+        db = dy2d.float().sum(0).to(DTYPES_BY_NAME[bias_dtype])
+    return dx, dw, db
+
+
+@_linear_bwd_op.register_fake
+def _(dy2d, x_t_data, x_t_scale, weight, delayed, seeds, layer, x_dtype, need_dx, need_dw, bias_dtype):
+    m, (n, k) = dy2d.shape[0], weight.shape
+    dx = dy2d.new_empty((m, k), dtype=DTYPES_BY_NAME[x_dtype]) if need_dx else _empty(dy2d)
+    dw = torch.empty_like(weight) if need_dw else _empty(dy2d)
+    db = dy2d.new_empty((n,), dtype=DTYPES_BY_NAME[bias_dtype]) if bias_dtype else _empty(dy2d)
+    return dx, dw, db
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x2d, weight, bias, layer, _, need_dx, need_dw = inputs
+    _, x_t_data, x_t_scale, delayed, seeds = output
+    # Saved: the fp8 transposed copy of x (x^T quantized along the token dim, for dW) and its
+    # scale, and W itself (a parameter, no copy): dx's operand W^T is recast from it with the
+    # forward's seed and scale (the same bits), instead of keeping fp8 W alive.
+    ctx.save_for_backward(x_t_data, x_t_scale, weight, delayed, seeds)
+    ctx.mark_non_differentiable(x_t_data, x_t_scale, delayed, seeds)
+    ctx.state = state_of(layer)  # alive until the backward ran (a call's fresh state too)
+    ctx.layer, ctx.need_dx, ctx.need_dw = layer, need_dx, need_dw
+    ctx.x_dtype = DTYPE_NAMES[x2d.dtype]
+    ctx.bias_dtype = DTYPE_NAMES[bias.dtype] if bias is not None and bias.requires_grad else ""
+
+
+def _linear_backward(ctx, dy, *_):
+    refuse_double_backward("linear")
+    x_t_data, x_t_scale, weight, delayed, seeds = ctx.saved_tensors
+    dx, dw, db = _linear_bwd_op(dy.contiguous(), x_t_data, x_t_scale, weight, delayed, seeds, ctx.layer,
+                                ctx.x_dtype, ctx.need_dx, ctx.need_dw, ctx.bias_dtype)
+    return (dx if ctx.need_dx else None, dw if ctx.need_dw else None, db if ctx.bias_dtype else None,
+            None, None, None, None)
+
+
+_linear_fwd_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
 def fp8_shapes_ok(in_features: int, out_features: int, recipe: Recipe) -> tuple[bool, str]:
@@ -176,8 +225,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     check_fp8_inputs(x, weight, "linear")
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: input [..., {x.shape[-1]}] does not match weight {tuple(weight.shape)} [N, K]")
-    state = state if state is not None else LayerState(recipe, x.device)
-    return _FP8LinearFunction.apply(x, weight, bias, recipe, state)
+    state = _state_for(state, recipe, x.device)
+    k, n = x.shape[-1], weight.shape[0]
+    grad = torch.is_grad_enabled()
+    y = _linear_fwd_op(x.reshape(-1, k), weight, bias, state.handle, DTYPE_NAMES[_output_dtype(x)],
+                       grad and x.requires_grad, grad and weight.requires_grad)[0]
+    return y.reshape(*x.shape[:-1], n)
+
+
+def _state_for(state: Optional[LayerState], recipe: Recipe, device) -> LayerState:
+    """``state``, or a fresh one for this call; a state made for another recipe is refused."""
+    if state is None:
+        return LayerState(recipe, device)
+    if state.recipe is not recipe and state.recipe != recipe:
+        raise ValueError(f"the fp8 layer state was made for recipe {state.recipe.name!r}, not {recipe.name!r}; "
+                         "pass the layer's own recipe (or a LayerState made for this one)")
+    return state
 
 
 def _tuple(v, nd: int) -> tuple:
@@ -236,10 +299,13 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
                 for n, p, d, k, s in zip(spatial, padding, dilation, kernel, stride))
     if any(n <= 0 for n in out):
         raise ValueError(f"{what}: input {tuple(x.shape)} is smaller than the (dilated) kernel {kernel} after padding")
-    state = state if state is not None else LayerState(recipe, x.device)
+    state = _state_for(state, recipe, x.device)
     geometry = _ConvGeometry(kernel, stride, padding, dilation, groups, out)
     if _codes_commute_with_im2col(recipe):
-        return _FP8ConvFunction.apply(x, weight, bias, geometry, recipe, state)
+        grad = torch.is_grad_enabled()
+        return _conv_fwd_op(x, weight, bias, list(kernel), list(stride), list(padding), list(dilation), groups,
+                            list(out), state.handle, DTYPE_NAMES[_output_dtype(x)], grad and x.requires_grad,
+                            grad and weight.requires_grad)[0]
     cols = _im2col(x, geometry)  # [B*L, C*prod(k)], channel-major patches as weight.reshape(O, -1)
     og, k = o // groups, cg * math.prod(kernel)
     outs = []
@@ -357,89 +423,134 @@ def _group_weight(weight: torch.Tensor, group: int, groups: int, k_padded: int) 
     return F.pad(w_g, (0, k_padded - w_g.shape[1]))
 
 
-class _FP8ConvFunction(torch.autograd.Function):
-    """conv1d/2d/3d as GEMMs on the im2col of the fp8 input (all three products in fp8).
+def _geometry(kernel, stride, padding, dilation, groups, out) -> _ConvGeometry:
+    return _ConvGeometry(tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), groups, tuple(out))
 
-    Saved for backward: the fp8 codes of x [B, C, *S] and its scale (the patch matrix is
-    rebuilt from them, 1/prod(k) of its size), and the weight itself (recast in backward as
-    :class:`_FP8LinearFunction` does).
-    """
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, geometry: _ConvGeometry, recipe: Recipe, state: LayerState):
-        b, c = x.shape[:2]
-        o = weight.shape[0]
-        groups = geometry.groups
-        cg, og = c // groups, o // groups
-        k = math.prod(weight.shape[1:])
-        kp = padded_k(k)
-        need_dx = ctx.needs_input_grad[0]
-        need_dw = ctx.needs_input_grad[1]
-        x_q = state.quantize(x.reshape(-1, x.shape[-1]), "activation", recipe.activation, transpose=False)
-        codes = x_q.data.reshape(x.shape)
-        out_dtype = _output_dtype(x)
-        outs, delayed = [], []
-        ctx.weight_seed = state.seed("weight")
-        for gi in range(groups):
-            cols = FP8Tensor(_im2col_codes(codes[:, gi * cg:(gi + 1) * cg], geometry, kp), x_q.scale, x_q.fmt, x_q.scaling)
-            w_q = state.quantize(_group_weight(weight, gi, groups, kp), "weight", recipe.weight, transpose=False,
-                                 seed=ctx.weight_seed + gi)
-            b_g = None if bias is None else bias[gi * og:(gi + 1) * og]
-            outs.append(scaled_mm(cols, transpose_view(w_q), bias=b_g, out_dtype=out_dtype))
-            if _delayed_scale(w_q, recipe) is not None:
-                delayed.append(w_q.scale)
-        y = outs[0] if groups == 1 else torch.cat(outs, dim=-1)  # [B*L, O]
-        ctx.geometry, ctx.recipe, ctx.state = geometry, recipe, state
-        ctx.error_seed, ctx.wgrad_seed = state.seed("error"), state.seed("weight_grad")
-        ctx.x_shape, ctx.x_dtype, ctx.w_shape, ctx.w_dtype, ctx.k = x.shape, x.dtype, weight.shape, weight.dtype, k
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.x_meta = (x_q.fmt, x_q.scaling)
-        ctx.need_dx, ctx.n_delayed = need_dx, len(delayed) if need_dx else 0
-        saved = [codes, x_q.scale] if need_dw else []
-        if need_dx:
-            saved += [weight] + delayed
-        ctx.save_for_backward(*saved)
-        state.calls += 1
-        return _channels_first(y, b, geometry.out)
+@torch.library.custom_op("tritonfp8::conv_fwd", mutates_args=())
+def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], kernel: list[int],
+                 stride: list[int], padding: list[int], dilation: list[int], groups: int, out: list[int],
+                 layer: str, out_dtype: str, need_dx: bool, need_dw: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """conv1d/2d/3d as GEMMs on the im2col of the fp8 input x [B, C, *S] (all three products
+    in fp8) -> (y [B, O, *S_out], for the backward: x's codes [B, C, *S] and scale (empty
+    unless need_dw), the weight's delayed scales [groups] (empty unless delayed and need_dx),
+    the seeds int64 [3] (CPU)).
 
-    @staticmethod
-    def backward(ctx, dy):
-        refuse_double_backward("conv")
-        g, recipe, state = ctx.geometry, ctx.recipe, ctx.state
-        c = ctx.x_shape[1]
-        o = ctx.w_shape[0]
-        nd = len(g.kernel)
-        cg, og, k = c // g.groups, o // g.groups, ctx.k
-        kp = padded_k(k)
-        saved = list(ctx.saved_tensors)
-        need_dw = ctx.needs_input_grad[1]
-        codes, x_scale = (saved.pop(0), saved.pop(0)) if need_dw else (None, None)
-        w_ts = []
-        if ctx.need_dx:
-            weight, delayed = saved[0], saved[1:]
-            w_ts = [_recast_weight(state, _group_weight(weight, gi, g.groups, kp), recipe, ctx.weight_seed + gi,
-                                   delayed[gi] if delayed else None) for gi in range(g.groups)]
-        dy2d = dy.permute(0, *range(2, nd + 2), 1).reshape(-1, o)  # [B*L, O]
-        dx_cols, dws = [], []
-        for gi in range(g.groups):
-            dy_q = _quantize_error(state, recipe, dy2d[:, gi * og:(gi + 1) * og], need_dw, ctx.error_seed + gi)
-            if w_ts:
-                dx_cols.append(scaled_mm(dy_q, transpose_view(w_ts[gi]), out_dtype=ctx.x_dtype)[:, :k])
-            if need_dw:
-                cols = _im2col_codes(codes[:, gi * cg:(gi + 1) * cg], g, kp)
-                # The activation's transposed copy: with one scale and nearest rounding, the same codes transposed.
-                x_t = FP8Tensor(cols.t().contiguous(), x_scale, *ctx.x_meta)
-                dws.append(_weight_grad(dy_q, x_t, recipe, ctx.wgrad_seed + gi, ctx.w_dtype)[:, :k])
-        dx = dw = db = None
-        if dx_cols:
-            cols = torch.cat(dx_cols, dim=-1) if g.groups > 1 else dx_cols[0]  # [B*L, C*prod(k)]
-            dx = _col2im(cols, tuple(ctx.x_shape[2:]), g)
-        if dws:
-            dw = torch.cat(dws, dim=0).reshape(ctx.w_shape)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2d.float().sum(0).to(ctx.bias_dtype)
-        return dx, dw, db, None, None, None
+    Saving x's codes (1 byte per input element) instead of the patch matrix: the backward
+    rebuilds the patches from them, 1/prod(k) of the size."""
+    geometry = _geometry(kernel, stride, padding, dilation, groups, out)
+    state = state_of(layer)
+    recipe = state.recipe
+    b, c = x.shape[:2]
+    o = weight.shape[0]
+    cg, og = c // groups, o // groups
+    kp = padded_k(math.prod(weight.shape[1:]))
+    x_q = state.quantize(x.reshape(-1, x.shape[-1]), "activation", recipe.activation, transpose=False)
+    codes = x_q.data.reshape(x.shape)
+    seeds = _seeds_tensor(state)
+    weight_seed = int(seeds[0])
+    outs, delayed = [], []
+    for gi in range(groups):
+        cols = FP8Tensor(_im2col_codes(codes[:, gi * cg:(gi + 1) * cg], geometry, kp), x_q.scale, x_q.fmt, x_q.scaling)
+        w_q = state.quantize(_group_weight(weight, gi, groups, kp), "weight", recipe.weight, transpose=False,
+                             seed=weight_seed + gi)
+        b_g = None if bias is None else bias[gi * og:(gi + 1) * og]
+        outs.append(scaled_mm(cols, transpose_view(w_q), bias=b_g, out_dtype=DTYPES_BY_NAME[out_dtype]))
+        if _delayed_scale(w_q, recipe) is not None:
+            delayed.append(w_q.scale.reshape(1))
+    y = outs[0] if groups == 1 else torch.cat(outs, dim=-1)  # [B*L, O]
+    state.calls += 1
+    return (_channels_first(y, b, geometry.out), codes if need_dw else _empty(x, torch.uint8),
+            x_q.scale.clone() if need_dw else _empty(x),
+            torch.cat(delayed) if need_dx and delayed else _empty(x), seeds)
+
+
+@_conv_fwd_op.register_fake
+def _(x, weight, bias, kernel, stride, padding, dilation, groups, out, layer, out_dtype, need_dx, need_dw):
+    recipe = state_of(layer).recipe
+    y = x.new_empty((x.shape[0], weight.shape[0], *out), dtype=DTYPES_BY_NAME[out_dtype])
+    a = recipe.activation
+    codes = x.new_empty(x.shape, dtype=get_format(a.fmt).torch_dtype) if need_dw else _empty(x, torch.uint8)
+    x_scale = x.new_empty(()) if need_dw else _empty(x)
+    delayed = x.new_empty((groups,)) if need_dx and recipe.weight.scale_source == "delayed" else _empty(x)
+    return y, codes, x_scale, delayed, torch.empty(3, dtype=torch.int64)
+
+
+@torch.library.custom_op("tritonfp8::conv_bwd", mutates_args=())
+def _conv_bwd_op(dy: torch.Tensor, codes: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                 delayed: torch.Tensor, seeds: torch.Tensor, x_shape: list[int], kernel: list[int],
+                 stride: list[int], padding: list[int], dilation: list[int], groups: int, out: list[int],
+                 layer: str, x_dtype: str, need_dx: bool, need_dw: bool, bias_dtype: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of :func:`_conv_fwd_op`: dy [B, O, *S_out] -> (dx [B, C, *S], dW, db [O]),
+    each empty where not needed."""
+    g = _geometry(kernel, stride, padding, dilation, groups, out)
+    state = state_of(layer)
+    recipe = state.recipe
+    weight_seed, error_seed, wgrad_seed = seeds.tolist()
+    c, o = x_shape[1], weight.shape[0]
+    nd = len(g.kernel)
+    cg, og, k = c // groups, o // groups, math.prod(weight.shape[1:])
+    kp = padded_k(k)
+    w_ts = []
+    if need_dx:
+        w_ts = [_recast_weight(state, _group_weight(weight, gi, groups, kp), recipe, weight_seed + gi,
+                               delayed[gi] if delayed.numel() else None) for gi in range(groups)]
+    dy2d = dy.permute(0, *range(2, nd + 2), 1).reshape(-1, o)  # [B*L, O]
+    a = recipe.activation
+    dx_cols, dws = [], []
+    for gi in range(groups):
+        dy_q = _quantize_error(state, recipe, dy2d[:, gi * og:(gi + 1) * og], need_dw, error_seed + gi)
+        if w_ts:
+            dx_cols.append(scaled_mm(dy_q, transpose_view(w_ts[gi]), out_dtype=DTYPES_BY_NAME[x_dtype])[:, :k])
+        if need_dw:
+            cols = _im2col_codes(codes[:, gi * cg:(gi + 1) * cg], g, kp)
+            # The activation's transposed copy: with one scale and nearest rounding, the same codes transposed.
+            x_t = FP8Tensor(cols.t().contiguous(), x_scale, get_format(a.fmt), a.parsed_scaling)
+            dws.append(_weight_grad(dy_q, x_t, recipe, wgrad_seed + gi, weight.dtype)[:, :k])
+    dx, dw, db = _empty(dy), _empty(dy), _empty(dy)  # three tensors: outputs may not alias
+    if dx_cols:
+        cols = torch.cat(dx_cols, dim=-1) if groups > 1 else dx_cols[0]  # [B*L, C*prod(k)]
+        dx = _col2im(cols, tuple(x_shape[2:]), g)
+    if dws:
+        dw = torch.cat(dws, dim=0).reshape(weight.shape)
+    if bias_dtype:
+        db = dy2d.float().sum(0).to(DTYPES_BY_NAME[bias_dtype])
+    return dx, dw, db
+
+
+@_conv_bwd_op.register_fake
+def _(dy, codes, x_scale, weight, delayed, seeds, x_shape, kernel, stride, padding, dilation, groups, out, layer,
+      x_dtype, need_dx, need_dw, bias_dtype):
+    dx = dy.new_empty(x_shape, dtype=DTYPES_BY_NAME[x_dtype]) if need_dx else _empty(dy)
+    dw = torch.empty_like(weight) if need_dw else _empty(dy)
+    db = dy.new_empty((weight.shape[0],), dtype=DTYPES_BY_NAME[bias_dtype]) if bias_dtype else _empty(dy)
+    return dx, dw, db
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, kernel, stride, padding, dilation, groups, out, layer, _, need_dx, need_dw = inputs
+    _, codes, x_scale, delayed, seeds = output
+    ctx.save_for_backward(codes, x_scale, weight, delayed, seeds)
+    ctx.mark_non_differentiable(codes, x_scale, delayed, seeds)
+    ctx.state = state_of(layer)
+    ctx.geometry_args = (list(x.shape), kernel, stride, padding, dilation, groups, out, layer)
+    ctx.need_dx, ctx.need_dw = need_dx, need_dw
+    ctx.x_dtype = DTYPE_NAMES[x.dtype]
+    ctx.bias_dtype = DTYPE_NAMES[bias.dtype] if bias is not None and bias.requires_grad else ""
+
+
+def _conv_backward(ctx, dy, *_):
+    refuse_double_backward("conv")
+    codes, x_scale, weight, delayed, seeds = ctx.saved_tensors
+    dx, dw, db = _conv_bwd_op(dy.contiguous(), codes, x_scale, weight, delayed, seeds, *ctx.geometry_args,
+                              ctx.x_dtype, ctx.need_dx, ctx.need_dw, ctx.bias_dtype)
+    return (dx if ctx.need_dx else None, dw if ctx.need_dw else None, db if ctx.bias_dtype else None,
+            *(None,) * 10)
+
+
+_conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup_context)
 
 
 # ----------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Per-layer state of the fp8 products: delayed-scaling amax histories, seeds, counters."""
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import Optional
 
 import torch
@@ -13,6 +15,20 @@ from ..tensor import FP8Tensor
 
 ROLES = ("activation", "weight", "error", "weight_grad")
 _SEED_MOD = 2**62
+# handle -> LayerState: the fp8 ops (torch.library custom ops) take a layer as a string, which
+# torch.compile keeps as a constant of the graph (an int would become symbolic), and look its
+# state up when they run.
+_BY_HANDLE: "weakref.WeakValueDictionary[str, LayerState]" = weakref.WeakValueDictionary()
+_handles = itertools.count()
+
+
+def state_of(handle: str) -> "LayerState":
+    """The LayerState of an op's ``layer`` handle."""
+    state = _BY_HANDLE.get(handle)
+    if state is None:
+        raise RuntimeError(f"fp8 layer state {handle} no longer exists: an fp8 op ran after its layer "
+                           "(or its state) was deleted")
+    return state
 
 
 class LayerState:
@@ -40,6 +56,14 @@ class LayerState:
         self.error_saturated = torch.zeros((), dtype=torch.int32, device=device)
         self.cast_counts: Optional[torch.Tensor] = None
         self.cast_values = [0] * len(ROLES)
+        self.handle = f"layer{next(_handles)}"
+        _BY_HANDLE[self.handle] = self
+
+    def __setstate__(self, state: dict) -> None:
+        # A copy (copy.deepcopy of a model, pickling) is a layer of its own: its own handle.
+        self.__dict__.update(state)
+        self.handle = f"layer{next(_handles)}"
+        _BY_HANDLE[self.handle] = self
 
     def count_casts(self) -> None:
         """Count, from now on, what each cast of this layer flushed to zero and saturated."""

@@ -68,7 +68,7 @@ import triton
 import triton.language as tl
 
 from .. import backend as _backend
-from ..formats import E8M0, ROUNDINGS, Format, check_seed, get_format
+from ..formats import DTYPE_NAMES, DTYPES_BY_NAME, E8M0, ROUNDINGS, Format, check_seed, get_format
 from ..tensor import FP8Tensor, Scaling, expand_scale
 from .quantize import quantize_reference
 from .rounding import abs_nan_as_inf, decode_codes, decode_codes_into, inv_scale_from_scale, round_to_code
@@ -708,8 +708,6 @@ def scaled_mm_reference(a, a_scale, a_scaling, b, b_scale, b_scaling, bias, out_
 # torch.library op and the public function
 # ----------------------------------------------------------------------------
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
 
 
 @torch.library.custom_op("tritonfp8::scaled_mm", mutates_args=())
@@ -726,12 +724,12 @@ def scaled_mm_op(
     impl = scaled_mm_reference if _backend.resolve(a.device) == "torch" else _scaled_mm_triton
     fmt = get_format(out_fmt) if out_fmt else None
     return impl(a, a_scale, Scaling.parse(a_scaling), b, b_scale, Scaling.parse(b_scaling), bias,
-                _DTYPES_BY_NAME[out_dtype], fmt, out_scale, rounding, seed, saturate)
+                DTYPES_BY_NAME[out_dtype], fmt, out_scale, rounding, seed, saturate)
 
 
 @scaled_mm_op.register_fake
 def _(a, a_scale, a_scaling, b, b_scale, b_scaling, bias, out_dtype, out_fmt, out_scale, rounding, seed, saturate):
-    dtype = torch.uint8 if out_fmt else _DTYPES_BY_NAME[out_dtype]
+    dtype = torch.uint8 if out_fmt else DTYPES_BY_NAME[out_dtype]
     return [
         a.new_empty((a.shape[0], b.shape[1]), dtype=dtype),
         a.new_empty((), dtype=torch.float32),
@@ -870,7 +868,7 @@ def scaled_mm(
                 torch.zeros((), dtype=torch.float32, device=a.device), torch.zeros((), dtype=torch.int32, device=a.device)]
     else:
         outs = scaled_mm_op(
-            a.data, a.scale, a.scaling.spec(), b.data, b.scale, b.scaling.spec(), bias, _DTYPE_NAMES[out_dtype],
+            a.data, a.scale, a.scaling.spec(), b.data, b.scale, b.scaling.spec(), bias, DTYPE_NAMES[out_dtype],
             fmt.name if fmt else "", out_scale, rounding, 0 if seed is None else seed, saturate,
         )
     out, amax, saturated = outs
