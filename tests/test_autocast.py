@@ -128,6 +128,8 @@ def test_with_form_names_layers_and_applies_keep_rules():
     """The README's form: a plain `with` region learns the model called in it (no watch())."""
     from torch.nn.modules import module as module_hooks
 
+    with tf8.fp8_autocast("hybrid"):  # the first region installs the two module hooks, which stay
+        pass
     hooks_before = (len(module_hooks._global_forward_pre_hooks), len(module_hooks._global_forward_hooks))
     model = ResNet18(num_classes=16, width=16)
     with tf8.fp8_autocast("mellempudi2019") as ac:
@@ -137,6 +139,7 @@ def test_with_form_names_layers_and_applies_keep_rules():
     assert s["fc.weight"].reasons == {"kept in high precision by the recipe": 1}
     assert s["layer1.0.conv1.weight"].fp8_calls == 1 and s["layer4.1.conv2.weight"].fp8_calls == 1
     assert (len(module_hooks._global_forward_pre_hooks), len(module_hooks._global_forward_hooks)) == hooks_before
+    assert hooks_before[0] >= 1 and hooks_before[1] >= 1
     # a forward that raises does not leave the next region thinking it is inside a module
     broken = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
     with pytest.raises(ValueError, match="does not match weight"):

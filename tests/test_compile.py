@@ -94,19 +94,20 @@ class _GraphCounter:
 
 
 def _steps(kind, model, recipe, compiled, steps=2, batches=(4, 4)):
-    """Outputs' loss and every gradient of ``steps`` forward + backward passes under
-    fp8_autocast(recipe), eager or through ``compiled`` (the same model compiled)."""
+    """Outputs' loss and every gradient of ``steps`` forward + backward passes, each in a new
+    fp8_autocast(recipe) region (the usual loop), eager or through ``compiled`` (the same model
+    compiled); and the last step's region."""
     g = torch.Generator().manual_seed(7)
     losses, grads = [], []
     run = compiled if compiled is not None else model
-    with tf8.fp8_autocast(recipe) as ctx:
-        for step in range(steps):
-            x = _input(kind, batches[step % len(batches)], g)
-            model.zero_grad(set_to_none=True)
+    for step in range(steps):
+        x = _input(kind, batches[step % len(batches)], g)
+        model.zero_grad(set_to_none=True)
+        with tf8.fp8_autocast(recipe) as ctx:
             loss = _loss(kind, run, x)
-            loss.backward()
-            losses.append(loss.detach())
-            grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     return losses, grads, ctx
 
 
@@ -125,9 +126,10 @@ def _assert_same_bits(eager, compiled, what):
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_fullgraph_compile_under_fp8_autocast_has_no_breaks_and_gives_the_eager_bits(kind, recipe):
     """fp8_autocast entered around torch.compile(model, fullgraph=True): dynamo's explain finds one
-    graph and no break; the compiled forward and backward (one graph each) give the eager
-    run's loss and gradient bits over 2 steps (seeds, call counters and delayed histories
-    advance alike), and the products ran in fp8."""
+    graph and no break; the compiled forward and backward (one graph each, reused by the
+    second step's new region) give the eager run's loss and gradient bits over 2 steps
+    (seeds, call counters and delayed histories advance alike), and the summary counts the
+    compiled calls as eager's."""
     torch.manual_seed(0)
     model = MODELS[kind]()
     twin = copy.deepcopy(model)

@@ -9,7 +9,9 @@ seen by one ``torch.overrides.TorchFunctionMode`` and run through the fp8 ops. P
 that stay in high precision (transposed convs, ``bmm`` of a parameter, masked attention,
 a parameter on the left of ``matmul``) are seen too and listed in the report with the reason.
 Nothing global is patched: the mode is active only inside the region, on this
-thread, and leaving the region (also by an exception) restores everything.
+thread, and leaving the region (also by an exception) restores everything. The first
+region installs two process-wide module hooks (how a region learns the model called in
+it), which stay and do nothing outside regions.
 
 Per-layer state (delayed-scaling amax histories, seeds) is keyed by the weight
 tensor, so it persists across regions for as long as the weight lives.
@@ -343,11 +345,12 @@ _HANDLERS: dict[Callable, Callable] = {
 }
 
 
-# While any thread is inside a region, global module hooks let the innermost region learn each
-# module called at the top level (not from inside another module's forward): its layer names
-# and the recipe's keep rules, as the decorator does for the module it wraps.
+# Global module hooks let the innermost region of a thread learn each module called at the top
+# level (not from inside another module's forward): its layer names and the recipe's keep
+# rules, as the decorator does for the module it wraps. They are installed by the first region
+# and stay (inert outside regions): torch.compile guards on the set of global hooks, so hooks
+# that came and went with each region would recompile a compiled model at every step.
 _hook_lock = threading.Lock()
-_hook_users = 0
 _hook_handles: list = []
 
 
@@ -366,19 +369,13 @@ def _top_level_post_hook(module, args, output):
         _local.module_depth -= 1
 
 
-def _use_module_hooks(on: bool) -> None:
-    global _hook_users
+def _install_module_hooks() -> None:
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
     with _hook_lock:
-        _hook_users += 1 if on else -1
-        if on and _hook_users == 1:
+        if not _hook_handles:
             _hook_handles[:] = [register_module_forward_pre_hook(_top_level_pre_hook),
                                 register_module_forward_hook(_top_level_post_hook, always_call=True)]
-        elif not on and _hook_users == 0:
-            for handle in _hook_handles:
-                handle.remove()
-            _hook_handles.clear()
 
 
 class _FP8FunctionMode(TorchFunctionMode):
@@ -433,7 +430,7 @@ class fp8_autocast(contextlib.ContextDecorator):
                 stack.pop()
                 raise
             _local.module_depth = 0
-            _use_module_hooks(True)
+            _install_module_hooks()
         self._entered.append(mode)
         return self
 
@@ -441,7 +438,6 @@ class fp8_autocast(contextlib.ContextDecorator):
         mode = self._entered.pop()
         try:
             if mode is not None:
-                _use_module_hooks(False)
                 mode.__exit__(*exc)
         finally:
             _stack().pop()
