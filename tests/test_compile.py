@@ -219,3 +219,62 @@ def test_fullgraph_compile_with_inductor_tracks_eager():
     result = _steps("mlp", twin, "hybrid", compiled)
     for a, b in zip(eager[0], result[0]):
         assert (a - b).abs() <= 1e-5 * a.abs(), (a.item(), b.item())
+
+
+@pytest.mark.parametrize("recipe", ["mellempudi2019", "hybrid_delayed"])
+def test_decorated_module_compiles_whole_with_no_breaks_and_the_eager_bits(recipe):
+    """fp8_autocast as a decorator on a module instance, the region entered inside the compiled
+    forward: one graph, no break, and the eager module's bits over 2 steps."""
+    torch.manual_seed(0)
+    model = _encoder()
+    twin, probe = copy.deepcopy(model), copy.deepcopy(model)
+    tf8.fp8_autocast(recipe)(probe)
+    explained = torch._dynamo.explain(probe)(_input("encoder", 4, torch.Generator().manual_seed(0)))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch.manual_seed(1)  # decorating an instance makes its layers' states (seed bases drawn now)
+    tf8.fp8_autocast(recipe)(model)
+    torch.manual_seed(1)
+    compiled_region = tf8.fp8_autocast(recipe)
+    compiled_region(twin)
+    counter = _GraphCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(twin, fullgraph=True, backend=counter.backend)
+    for step in range(2):
+        x = _input("encoder", 4, torch.Generator().manual_seed(step))
+        model.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
+        a, b = _loss("encoder", model, x), _loss("encoder", compiled, x)
+        assert torch.equal(a, b), f"step {step}: loss {a.item()} eager vs {b.item()} compiled"
+        a.backward()
+        b.backward()
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            assert torch.equal(p.grad, q.grad), f"step {step}: {name}.grad differs"
+    assert (counter.forward, counter.backward) == (1, 1)
+    assert _summary(compiled_region)["layers.0.linear1.weight"][1] == 2, list(_summary(compiled_region))
+
+
+def test_compiling_a_function_of_a_model_no_region_has_seen_says_to_watch_it():
+    """A compiled function that calls a model: the layers' fp8 states cannot be made inside the
+    trace. fullgraph=True raises, saying what to do; after region.watch(model) it compiles."""
+    torch.manual_seed(0)
+    model = _mlp()
+
+    def step(x):
+        return model(x).square().mean()
+
+    x = torch.randn(4, 64)
+    torch._dynamo.reset()
+    with tf8.fp8_autocast("hybrid"):
+        with pytest.raises(Exception, match=r"region\.watch\(model\)"):
+            torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
+    other = _mlp()
+    counter = _GraphCounter()
+
+    def other_step(x):
+        return other(x).square().mean()
+
+    with tf8.fp8_autocast("hybrid") as region:
+        region.watch(other)
+        torch.compile(other_step, fullgraph=True, backend=counter.backend)(x).backward()
+    assert counter.forward == 1 and region.summary()["0.weight"].fp8_calls == 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import math
 import warnings
 import threading
@@ -43,6 +44,9 @@ from .nn.state import ROLES, LayerState
 from .recipe import Recipe, get_recipe
 
 _local = threading.local()
+# key -> fp8_autocast, for the calls of regions entered inside compiled functions (_Region.owner_key).
+_REGIONS: "weakref.WeakValueDictionary[str, fp8_autocast]" = weakref.WeakValueDictionary()
+_region_keys = itertools.count()
 # id(weight) -> {recipe name: LayerState}; outlives regions, dies with the weight (a weakref
 # callback drops the entry before the id can be reused). A plain dict, which torch.compile
 # reads while tracing; states are made outside the trace (see _new_layer_state).
@@ -75,37 +79,46 @@ class LayerRecord:
 
 
 class _Region:
-    """The settings of one fp8_autocast region (an entry on the thread's stack)."""
+    """The settings of one fp8_autocast region (an entry on the thread's stack).
 
-    def __init__(self, recipe: Recipe, enabled: bool, summary: dict, names: dict, keep: set, learn: Callable):
+    ``owner_key``: set for a region entered inside a compiled function (a decorated module
+    compiled whole), whose stack entry exists only while tracing: its calls are counted into
+    the owning fp8_autocast by key instead of into the thread's innermost region."""
+
+    def __init__(self, recipe: Recipe, enabled: bool, summary: dict, names: dict, keep: set, learn: Callable,
+                 owner_key: str = ""):
         self.recipe, self.enabled, self.summary, self.names, self.keep = recipe, enabled, summary, names, keep
         self.learn = learn  # learn(module): name its layers and apply the recipe's keep rules
+        self.owner_key = owner_key
 
     def record(self, op: str, weight: Optional[torch.Tensor], shape: str, fp8: bool, reason: str = "",
                flops: int = 0) -> None:
         """Count one call in the summary when it runs: through :func:`_record_op`, which a
         compiled graph keeps as a node, so compiled calls count as eager ones do."""
-        row = _ROW_SEP.join((op, "" if weight is None else str(id(weight)), shape, "1" if fp8 else "", reason))
+        row = _ROW_SEP.join((op, "" if weight is None else str(id(weight)), shape, "1" if fp8 else "", reason,
+                             self.owner_key))
         _record_op(_RECORD_TOKEN, row, flops)
-
-    def count(self, row: str, flops: int) -> None:
-        op, weight_id, shape, fp8, reason = row.split(_ROW_SEP)
-        name = self.names.get(int(weight_id), f"{op}{shape}") if weight_id else f"{op}{shape}"
-        record = self.summary.get(name)
-        if record is None:
-            record = self.summary[name] = LayerRecord(op, shape)
-        if fp8:
-            record.fp8_calls += 1
-            record.fp8_flops += flops
-            if weight_id and record.state is None:
-                record.state = _STATES.get(int(weight_id), {}).get(self.recipe.name)
-        else:
-            record.high_precision_calls += 1
-            record.high_precision_flops += flops
-            record.reasons[reason] = record.reasons.get(reason, 0) + 1
 
     def state_for(self, weight: torch.Tensor) -> LayerState:
         return _layer_state(weight, self.recipe)
+
+
+def _count(summary: dict, names: dict, recipe: Recipe, row: str, flops: int) -> None:
+    """Add one call of ``row`` (see _Region.record) to ``summary``."""
+    op, weight_id, shape, fp8, reason, _ = row.split(_ROW_SEP)
+    name = names.get(int(weight_id), f"{op}{shape}") if weight_id else f"{op}{shape}"
+    record = summary.get(name)
+    if record is None:
+        record = summary[name] = LayerRecord(op, shape)
+    if fp8:
+        record.fp8_calls += 1
+        record.fp8_flops += flops
+        if weight_id and record.state is None:
+            record.state = _STATES.get(int(weight_id), {}).get(recipe.name)
+    else:
+        record.high_precision_calls += 1
+        record.high_precision_flops += flops
+        record.reasons[reason] = record.reasons.get(reason, 0) + 1
 
 
 _ROW_SEP = "\x1f"
@@ -116,11 +129,18 @@ _RECORD_TOKEN = torch.empty(0)
 
 @torch.library.custom_op("tritonfp8::autocast_record", mutates_args=())
 def _record_op(token: torch.Tensor, row: str, flops: int) -> None:
-    """Count a call of the summary row ``row`` (op, weight id, shape, fp8, reason) in the
-    innermost region of this thread, when the call runs."""
+    """Count a call of the summary row ``row`` (op, weight id, shape, fp8, reason, owner key) in
+    its owner, or else in the innermost region of this thread, when the call runs."""
+    owner_key = row.rsplit(_ROW_SEP, 1)[1]
+    if owner_key:
+        owner = _REGIONS.get(owner_key)
+        if owner is not None:
+            _count(owner._summary, owner._names, owner.recipe, row, flops)
+        return
     stack = _stack()
     if stack:
-        stack[-1].count(row, flops)
+        top = stack[-1]
+        _count(top.summary, top.names, top.recipe, row, flops)
 
 
 @_record_op.register_fake
@@ -137,7 +157,13 @@ def _layer_state(weight: torch.Tensor, recipe: Recipe) -> LayerState:
     return state if state is not None else _new_layer_state(weight, recipe)
 
 
-@torch._dynamo.disable
+_NEW_STATE_IN_TRACE = (
+    "fp8_autocast makes a layer's fp8 state when a region first sees its model, which is not traceable: "
+    "compile the module itself (torch.compile(model)) or a decorated one, or call region.watch(model) "
+    "before compiling a function that calls it")
+
+
+@functools.partial(torch._dynamo.disable, reason=_NEW_STATE_IN_TRACE)
 def _new_layer_state(weight: torch.Tensor, recipe: Recipe) -> LayerState:
     """Made eagerly: a region makes the states of the layers it learns before any trace (see
     fp8_autocast.watch), so a compiled model finds them; one made here inside a compiled
@@ -352,6 +378,7 @@ _HANDLERS: dict[Callable, Callable] = {
 # that came and went with each region would recompile a compiled model at every step.
 _hook_lock = threading.Lock()
 _hook_handles: list = []
+_hooks_installed = False  # a flag, which a compiled region's trace can read (the handles it cannot)
 
 
 def _top_level_pre_hook(module, args):
@@ -370,12 +397,16 @@ def _top_level_post_hook(module, args, output):
 
 
 def _install_module_hooks() -> None:
+    global _hooks_installed
+    if _hooks_installed:  # read without the lock first: a compiled region's trace takes no lock
+        return
     from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
     with _hook_lock:
         if not _hook_handles:
             _hook_handles[:] = [register_module_forward_pre_hook(_top_level_pre_hook),
                                 register_module_forward_hook(_top_level_post_hook, always_call=True)]
+        _hooks_installed = True
 
 
 class _FP8FunctionMode(TorchFunctionMode):
@@ -389,6 +420,19 @@ class _FP8FunctionMode(TorchFunctionMode):
         if handler is None or region is None or not region.enabled:
             return func(*args, **kwargs)
         return handler(region, func, args, kwargs)
+
+
+@contextlib.contextmanager
+def _entered(region: "fp8_autocast"):
+    """``with region:`` in a form torch.compile traces (a generator context manager made where it
+    is used; dynamo does not enter a context object made outside the compiled function)."""
+    region.__enter__()
+    try:
+        yield
+    except BaseException as e:
+        region.__exit__(type(e), e, e.__traceback__)
+        raise
+    region.__exit__(None, None, None)
 
 
 class fp8_autocast(contextlib.ContextDecorator):
@@ -416,11 +460,14 @@ class fp8_autocast(contextlib.ContextDecorator):
         self._entered: list = []
         self._warned: set = set()
         self._exits = 0
+        self._key = f"autocast{next(_region_keys)}"
+        _REGIONS[self._key] = self
 
     # -- context manager ----------------------------------------------------
     def __enter__(self):
         stack = _stack()
-        stack.append(_Region(self.recipe, self.enabled, self._summary, self._names, self._keep, self._learn))
+        stack.append(_Region(self.recipe, self.enabled, self._summary, self._names, self._keep, self._learn,
+                             owner_key=self._key if torch.compiler.is_compiling() else ""))
         mode = None
         if len(stack) == 1:
             mode = _FP8FunctionMode()
@@ -441,7 +488,9 @@ class fp8_autocast(contextlib.ContextDecorator):
                 mode.__exit__(*exc)
         finally:
             _stack().pop()
-        if mode is not None and exc[0] is None:
+        # Inside a compiled function (a decorated module compiled whole) the exit count would be
+        # a guard that changes every call: the log-spaced checks run for regions entered eagerly.
+        if mode is not None and exc[0] is None and not torch.compiler.is_compiling():
             self._exits += 1
             # Check the cast counts at exits 1, 2, 4, ..., 512, then every 1024th: the warnings of
             # cast_fractions come by themselves, for a host read at log-spaced steps only.
@@ -451,6 +500,7 @@ class fp8_autocast(contextlib.ContextDecorator):
 
     # -- decorator ----------------------------------------------------------
     def __call__(self, target):
+        _install_module_hooks()  # now, not in the first call (which torch.compile may be tracing)
         if isinstance(target, type) and issubclass(target, nn.Module):
             original = target.forward
             ctx = self
@@ -469,7 +519,7 @@ class fp8_autocast(contextlib.ContextDecorator):
 
             @functools.wraps(original)
             def forward(*args, **kwargs):
-                with self:
+                with _entered(self):
                     return original(*args, **kwargs)
 
             target.forward = forward
