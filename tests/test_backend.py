@@ -102,7 +102,7 @@ LAYERS = (
               "tritonfp8._distributed")),
     ("ops", ("tritonfp8.ops", "tritonfp8.tensor", "tritonfp8.recipe")),
     ("nn", ("tritonfp8.nn",)),
-    ("autocast", ("tritonfp8.autocast",)),
+    ("autocast", ("tritonfp8.autocast", "tritonfp8._autocast_policy")),
     ("training", ("tritonfp8.training", "tritonfp8.optim", "tritonfp8.trainer", "tritonfp8.data")),
     ("tools", ("tritonfp8.reproduce", "tritonfp8.aot", "tritonfp8.cli", "tritonfp8.__main__")),
 )

@@ -35,6 +35,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .formats import INPUT_DTYPES
+from . import _autocast_policy as policy
 from .nn import functional as F8
 from .nn.modules import Conv1d as FP8Conv1d
 from .nn.modules import Conv2d as FP8Conv2d
@@ -194,7 +195,7 @@ def _ineligible(region: _Region, x, weight, k: int, n: int) -> str:
             return f"dtype {t.dtype}"
         if t is not None and t.device.type not in ("cpu", "cuda"):
             return f"device {t.device}"
-    ok, reason = F8.fp8_shapes_ok(k, n, region.recipe)
+    ok, reason = policy.fp8_shapes_ok(k, n, region.recipe)
     return "" if ok else reason
 
 
@@ -323,7 +324,7 @@ def _sdpa(region: _Region, func, args, kwargs):
     is_causal = _arg(args, kwargs, 5, "is_causal", False)
     scale = _arg(args, kwargs, 6, "scale")
     enable_gqa = bool(kwargs.get("enable_gqa", False))
-    why = F8.attention_ineligible(q, k, v, attn_mask, dropout_p, enable_gqa, _attention_impl(),
+    why = policy.attention_ineligible(q, k, v, attn_mask, dropout_p, enable_gqa, _attention_impl(),
                                   is_causal=bool(is_causal))
     n_q, n_k = (q.shape[-2], k.shape[-2]) if q.dim() >= 2 and k.dim() >= 2 else (0, 0)
     flops = (2 if is_causal and n_q == n_k else 4) * (q.numel() // max(q.shape[-1], 1)) * n_k * q.shape[-1]
@@ -340,7 +341,7 @@ def _mha(region: _Region, func, args, kwargs):
     """F.multi_head_attention_forward re-expressed with fp8 linear + fp8 attention."""
     bound = dict(zip(_MHA_PARAMETERS, args))
     bound.update(kwargs)
-    why = F8.mha_ineligible(bound, _attention_impl())
+    why = policy.mha_ineligible(bound, _attention_impl())
     if not why:
         e = bound["embed_dim_to_check"]
         why = _ineligible(region, bound["query"], bound["out_proj_weight"], e, e)
@@ -355,7 +356,7 @@ def _mha(region: _Region, func, args, kwargs):
     def lin(x, w, b):
         return F8.linear(x, w, b, region.recipe, region.state_for(w))
 
-    return F8.multi_head_attention(bound, lin, _attention_impl())
+    return policy.multi_head_attention(bound, lin, _attention_impl())
 
 
 _HANDLERS: dict[Callable, Callable] = {
