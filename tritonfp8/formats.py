@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["Format", "E4M3", "E5M2", "E8M0", "FP16", "BF16", "get_format", "FP8_FORMATS",
-           "ROUNDINGS", "INPUT_DTYPES", "DTYPE_NAMES", "DTYPES_BY_NAME", "SEED_LIMIT", "check_seed"]
+           "ROUNDINGS", "INPUT_DTYPES", "DTYPE_NAMES", "DTYPES_BY_NAME", "SEED_LIMIT", "check_seed", "derive_seed"]
 
 # The rounding modes of every cast, product epilogue and optimizer update (numerics.md 2-3).
 ROUNDINGS = ("nearest", "stochastic")
@@ -28,6 +28,26 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 # Seeds of the Philox streams are ints in [0, SEED_LIMIT).
 SEED_LIMIT = 2**63
+
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def derive_seed(base: int, *indices: int) -> int:
+    """The one derivation of a Philox seed in [0, 2**63) from a base seed and the indices of
+    one use (a layer's call and cast role; an optimizer bucket and step): splitmix64 chained
+    over them, so neighbouring indices give unrelated keys."""
+    x = _splitmix64(base & _M64)
+    for i in indices:
+        x = _splitmix64(x ^ (i & _M64))
+    return x >> 1
 
 
 def check_seed(seed, allow_none: bool = False) -> None:

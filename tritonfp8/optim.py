@@ -60,7 +60,7 @@ import torch
 from torch.autograd.graph import get_gradient_edge
 
 from . import _distributed
-from .formats import ROUNDINGS, check_seed
+from .formats import ROUNDINGS, check_seed, derive_seed
 from .ops import optim as _ops
 
 __all__ = ["SGD", "AdamW"]
@@ -72,7 +72,6 @@ _DTYPE_NAMES = {
 }
 # Attribute of a parameter: weak reference to the optimizer whose flat buffer holds it.
 _OWNER_ATTR = "_tf8_optimizer"
-_M64 = (1 << 64) - 1
 
 
 def _parse_dtype(value, allowed, what: str, allow_none: bool):
@@ -125,18 +124,6 @@ def _gradient_accumulator_held(p: torch.Tensor) -> bool:
     del node
     again = get_gradient_edge(p).node
     return again.metadata.pop("_tf8_probe", False)
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-def step_seed(base_seed: int, bucket: int, step: int) -> int:
-    """Philox seed in [0, 2**63) of a bucket's update number ``step`` (deterministic)."""
-    return _splitmix64(_splitmix64(_splitmix64(base_seed) ^ bucket) ^ step) >> 1
 
 
 class _Bucket:
@@ -464,7 +451,7 @@ class _FusedOptimizer(torch.optim.Optimizer):
             for step, positions in sorted(by_step.items()):
                 idx = tuple(members[pos] for pos in positions)
                 sub_inv = inv if len(positions) == len(members) else inv[torch.tensor(positions, device=inv.device)]
-                seed = step_seed(group["seed"], bucket.seed_index, step + 1)
+                seed = derive_seed(group["seed"], bucket.seed_index, step + 1)
                 bucket.read_shards(idx)
                 self._update(bucket, group, bucket.chunks(idx), sub_inv, seed, step + 1)
                 bucket.write_back(idx)

@@ -18,7 +18,7 @@ from .._autograd import refuse_double_backward
 from ..ops.matmul import scaled_mm, transpose_view
 from ..ops.quantize import quantize
 from ..ops.rounding import nonzero_and_flushed
-from ..formats import DTYPE_NAMES, DTYPES_BY_NAME, INPUT_DTYPES, get_format
+from ..formats import DTYPE_NAMES, DTYPES_BY_NAME, INPUT_DTYPES, SEED_LIMIT, get_format
 from ..recipe import Recipe, get_recipe
 from ..tensor import FP8Tensor
 from .state import LayerState, state_of
@@ -413,6 +413,11 @@ def _group_weight(weight: torch.Tensor, group: int, groups: int, k_padded: int) 
     return F.pad(w_g, (0, k_padded - w_g.shape[1]))
 
 
+def _group_seed(seed: int, group: int) -> int:
+    """The seed of a grouped conv's group ``group`` (group 0: the layer's own)."""
+    return (seed + group) % SEED_LIMIT
+
+
 def _geometry(kernel, stride, padding, dilation, groups, out) -> _ConvGeometry:
     return _ConvGeometry(tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), groups, tuple(out))
 
@@ -444,7 +449,7 @@ def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     for gi in range(groups):
         cols = FP8Tensor(_im2col_codes(codes[:, gi * cg:(gi + 1) * cg], geometry, kp), x_q.scale, x_q.fmt, x_q.scaling)
         w_q = state.quantize(_group_weight(weight, gi, groups, kp), "weight", recipe.weight, transpose=False,
-                             seed=weight_seed + gi)
+                             seed=_group_seed(weight_seed, gi))
         b_g = None if bias is None else bias[gi * og:(gi + 1) * og]
         outs.append(scaled_mm(cols, transpose_view(w_q), bias=b_g, out_dtype=DTYPES_BY_NAME[out_dtype]))
         if _delayed_scale(w_q, recipe) is not None:
@@ -485,20 +490,20 @@ def _conv_bwd_op(dy: torch.Tensor, codes: torch.Tensor, x_scale: torch.Tensor, w
     kp = padded_k(k)
     w_ts = []
     if need_dx:
-        w_ts = [_recast_weight(state, _group_weight(weight, gi, groups, kp), recipe, weight_seed + gi,
+        w_ts = [_recast_weight(state, _group_weight(weight, gi, groups, kp), recipe, _group_seed(weight_seed, gi),
                                delayed[gi] if delayed.numel() else None) for gi in range(groups)]
     dy2d = dy.permute(0, *range(2, nd + 2), 1).reshape(-1, o)  # [B*L, O]
     a = recipe.activation
     dx_cols, dws = [], []
     for gi in range(groups):
-        dy_q = _quantize_error(state, recipe, dy2d[:, gi * og:(gi + 1) * og], need_dw, error_seed + gi)
+        dy_q = _quantize_error(state, recipe, dy2d[:, gi * og:(gi + 1) * og], need_dw, _group_seed(error_seed, gi))
         if w_ts:
             dx_cols.append(scaled_mm(dy_q, transpose_view(w_ts[gi]), out_dtype=DTYPES_BY_NAME[x_dtype])[:, :k])
         if need_dw:
             cols = _im2col_codes(codes[:, gi * cg:(gi + 1) * cg], g, kp)
             # The activation's transposed copy: with one scale and nearest rounding, the same codes transposed.
             x_t = FP8Tensor(cols.t().contiguous(), x_scale, get_format(a.fmt), a.parsed_scaling)
-            dws.append(_weight_grad(dy_q, x_t, recipe, wgrad_seed + gi, weight.dtype)[:, :k])
+            dws.append(_weight_grad(dy_q, x_t, recipe, _group_seed(wgrad_seed, gi), weight.dtype)[:, :k])
     dx, dw, db = _empty(dy), _empty(dy), _empty(dy)  # three tensors: outputs may not alias
     if dx_cols:
         cols = torch.cat(dx_cols, dim=-1) if groups > 1 else dx_cols[0]  # [B*L, C*prod(k)]

@@ -9,12 +9,11 @@ import torch
 
 from ..ops.quantize import quantize
 from ..ops.rounding import inv_scale_from_amax_reference, nonzero_and_flushed
-from ..formats import get_format
+from ..formats import derive_seed, get_format
 from ..recipe import Recipe, TensorRecipe
 from ..tensor import FP8Tensor
 
 ROLES = ("activation", "weight", "error", "weight_grad")
-_SEED_MOD = 2**62
 # handle -> LayerState: the fp8 ops (torch.library custom ops) take a layer as a string, which
 # torch.compile keeps as a constant of the graph (an int would become symbolic), and look its
 # state up when they run.
@@ -37,7 +36,8 @@ class LayerState:
     * ``amax_history[role]``: [history_len] fp32 amaxes of past steps (delayed scaling);
       the newest is at index 0.
     * ``seed_base`` and ``calls``: stochastic rounding seeds are
-      ``f(seed_base, calls, role)``, so a run is reproducible under ``torch.manual_seed``.
+      ``derive_seed(seed_base, calls, role index)`` (the one seed derivation, formats.py), so a
+      run is reproducible under ``torch.manual_seed``.
     * ``error_saturated``: int32 [] running count of error values that saturated.
     * ``cast_counts`` (None until :meth:`count_casts` turns it on): int64 [4 roles, 3] on the
       device, per role the values that were nonzero, flushed to zero and saturated in its
@@ -88,7 +88,7 @@ class LayerState:
         self.cast_values[i] += x.numel()
 
     def seed(self, role: str) -> int:
-        return (self.seed_base * 1_000_003 + self.calls * len(ROLES) + ROLES.index(role)) % _SEED_MOD
+        return derive_seed(self.seed_base, self.calls, ROLES.index(role))
 
     def _history(self, role: str, device) -> torch.Tensor:
         h = self.amax_history.get(role)
