@@ -122,6 +122,21 @@ def _assert_same_bits(eager, compiled, what):
                                        f"{(a.float() - b.float()).abs().max().item():g}")
 
 
+def _assert_compiled_steps_match(kind, model, twin, compiled, steps):
+    """``steps`` forward + backward passes of ``model`` (eager) and of ``compiled`` (its twin
+    ``twin``, compiled) on the same batches: the same loss and gradient bits at every step."""
+    for step in range(steps):
+        x = _input(kind, 4, torch.Generator().manual_seed(step))
+        model.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
+        a, b = _loss(kind, model, x), _loss(kind, compiled, x)
+        assert torch.equal(a, b), f"step {step}: loss {a.item()} eager vs {b.item()} compiled"
+        a.backward()
+        b.backward()
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            assert torch.equal(p.grad, q.grad), f"step {step}: {name}.grad differs"
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_fullgraph_compile_under_fp8_autocast_has_no_breaks_and_gives_the_eager_bits(kind, recipe):
@@ -163,16 +178,7 @@ def test_fullgraph_compile_of_converted_modules_gives_the_eager_bits(recipe):
     counter = _GraphCounter()
     torch._dynamo.reset()
     compiled = torch.compile(twin, fullgraph=True, backend=counter.backend)
-    for step in range(3):
-        x = _input("conv", 4, torch.Generator().manual_seed(step))
-        model.zero_grad(set_to_none=True)
-        twin.zero_grad(set_to_none=True)
-        a, b = model(x), compiled(x)
-        assert torch.equal(a, b), f"step {step}: outputs differ by {(a - b).abs().max().item():g}"
-        a.square().mean().backward()
-        b.square().mean().backward()
-        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-            assert torch.equal(p.grad, q.grad), f"step {step}: {name}.grad differs"
+    _assert_compiled_steps_match("conv", model, twin, compiled, steps=3)
     assert counter.forward == 1 and counter.backward == 1
     assert twin.fc.fp8_state.calls == model.fc.fp8_state.calls == 3
 
@@ -239,16 +245,7 @@ def test_decorated_module_compiles_whole_with_no_breaks_and_the_eager_bits(recip
     counter = _GraphCounter()
     torch._dynamo.reset()
     compiled = torch.compile(twin, fullgraph=True, backend=counter.backend)
-    for step in range(2):
-        x = _input("encoder", 4, torch.Generator().manual_seed(step))
-        model.zero_grad(set_to_none=True)
-        twin.zero_grad(set_to_none=True)
-        a, b = _loss("encoder", model, x), _loss("encoder", compiled, x)
-        assert torch.equal(a, b), f"step {step}: loss {a.item()} eager vs {b.item()} compiled"
-        a.backward()
-        b.backward()
-        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-            assert torch.equal(p.grad, q.grad), f"step {step}: {name}.grad differs"
+    _assert_compiled_steps_match("encoder", model, twin, compiled, steps=2)
     assert (counter.forward, counter.backward) == (1, 1)
     assert _summary(compiled_region)["layers.0.linear1.weight"][1] == 2, list(_summary(compiled_region))
 
