@@ -124,6 +124,29 @@ def test_mellempudi_keeps_first_conv_and_last_linear():
     assert s["layer1.0.conv1.weight"].fp8_calls == 1
 
 
+def test_deep_copy_of_a_decorated_instance_runs_itself_under_a_region_of_its_own():
+    """copy.deepcopy of a decorated module runs the copy (not the original, which the wrapped
+    forward would call), decorated by a new region of the same recipe that names the copy's
+    layers and keeps its first conv and last linear."""
+    import copy
+
+    model = ResNet18(num_classes=16, width=16)
+    tf8.fp8_autocast("mellempudi2019")(model)
+    duplicate = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in duplicate.parameters():
+            p.zero_()
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.count_nonzero(duplicate(x)) == 0, "the copy's forward ran the original module"
+    assert torch.count_nonzero(model(x)) > 0
+    region = duplicate.__deepcopy__.args[1]
+    s = region.summary()
+    assert region.recipe.name == "mellempudi2019"
+    assert s["conv1.weight"].reasons == {"kept in high precision by the recipe": 1}
+    assert s["fc.weight"].reasons == {"kept in high precision by the recipe": 1}
+    assert s["layer1.0.conv1.weight"].fp8_calls == 1
+
+
 def test_with_form_names_layers_and_applies_keep_rules():
     """The README's form: a plain `with` region learns the model called in it (no watch())."""
     from torch.nn.modules import module as module_hooks

@@ -19,6 +19,7 @@ tensor, so it persists across regions for as long as the weight lives.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import itertools
@@ -423,6 +424,18 @@ class _FP8FunctionMode(TorchFunctionMode):
         return handler(region, func, args, kwargs)
 
 
+def _copy_decorated(module: nn.Module, region: "fp8_autocast", memo: dict) -> nn.Module:
+    """copy.deepcopy of a module instance decorated by ``region``: a copy of the undecorated
+    module, decorated by a new region of the same recipe (the wrapped forward would call the
+    original module, and the region's names and keep rules are the original's layers')."""
+    wrapped = {key: module.__dict__.pop(key) for key in ("forward", "__deepcopy__")}
+    try:
+        duplicate = copy.deepcopy(module, memo)
+    finally:
+        module.__dict__.update(wrapped)
+    return fp8_autocast(region.recipe, region.enabled)(duplicate)
+
+
 @contextlib.contextmanager
 def _entered(region: "fp8_autocast"):
     """``with region:`` in a form torch.compile traces (a generator context manager made where it
@@ -524,6 +537,7 @@ class fp8_autocast(contextlib.ContextDecorator):
                     return original(*args, **kwargs)
 
             target.forward = forward
+            target.__deepcopy__ = functools.partial(_copy_decorated, target, self)
             return target
         if callable(target) and not isinstance(target, torch.Tensor):
             return super().__call__(target)
