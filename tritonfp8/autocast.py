@@ -105,9 +105,10 @@ class _Region:
         return _layer_state(weight, self.recipe)
 
 
-def _count(summary: dict, names: dict, recipe: Recipe, row: str, flops: int) -> None:
-    """Add one call of ``row`` (see _Region.record) to ``summary``."""
-    op, weight_id, shape, fp8, reason, _ = row.split(_ROW_SEP)
+def _count(summary: dict, names: dict, recipe: Recipe, fields: list, flops: int) -> None:
+    """Add one call of a row's ``fields`` (op, weight id, shape, fp8, reason; see _Region.record)
+    to ``summary``."""
+    op, weight_id, shape, fp8, reason = fields
     name = names.get(int(weight_id), f"{op}{shape}") if weight_id else f"{op}{shape}"
     record = summary.get(name)
     if record is None:
@@ -133,16 +134,16 @@ _RECORD_TOKEN = torch.empty(0)
 def _record_op(token: torch.Tensor, row: str, flops: int) -> None:
     """Count a call of the summary row ``row`` (op, weight id, shape, fp8, reason, owner key) in
     its owner, or else in the innermost region of this thread, when the call runs."""
-    owner_key = row.rsplit(_ROW_SEP, 1)[1]
+    *fields, owner_key = row.split(_ROW_SEP)
     if owner_key:
         owner = _REGIONS.get(owner_key)
         if owner is not None:
-            _count(owner._summary, owner._names, owner.recipe, row, flops)
+            _count(owner._summary, owner._names, owner.recipe, fields, flops)
         return
     stack = _stack()
     if stack:
         top = stack[-1]
-        _count(top.summary, top.names, top.recipe, row, flops)
+        _count(top.summary, top.names, top.recipe, fields, flops)
 
 
 @_record_op.register_fake

@@ -92,7 +92,7 @@ def _delayed_scale(q: FP8Tensor, recipe: Recipe) -> Optional[torch.Tensor]:
 
 # The products are torch.library ops with their autograd registered, so torch.compile
 # traces them as single nodes (no graph break) and eager runs the same code. A layer is
-# passed as its state's int handle: the per-layer bookkeeping (seeds, call counter,
+# passed as its state's handle (a string): the per-layer bookkeeping (seeds, call counter,
 # delayed-scaling histories, cast counts, the LossScaler's and Trainer's error records)
 # runs when the op runs, eagerly or compiled, never at trace time.
 _EMPTY = (0,)
@@ -100,6 +100,18 @@ _EMPTY = (0,)
 
 def _empty(like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return like.new_empty(_EMPTY, dtype=dtype)
+
+
+def _activation_fp8(recipe: Recipe, data: torch.Tensor, scale: torch.Tensor) -> FP8Tensor:
+    """The FP8Tensor of activation codes a forward op saved for its backward."""
+    a = recipe.activation
+    return FP8Tensor(data, scale, get_format(a.fmt), a.parsed_scaling)
+
+
+def _grads_needed(x: torch.Tensor, weight: torch.Tensor) -> tuple[bool, bool]:
+    """(need dx, need dW) of an fp8 product called now."""
+    grad = torch.is_grad_enabled()
+    return grad and x.requires_grad, grad and weight.requires_grad
 
 
 def _seeds_tensor(state: LayerState) -> torch.Tensor:
@@ -124,7 +136,7 @@ def _linear_fwd_op(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     x_t = x_q.transposed
     delayed = _delayed_scale(w_q, recipe) if need_dx else None
     return (y, x_t.data if need_dw else _empty(x2d, torch.uint8), x_t.scale if need_dw else _empty(x2d),
-            delayed.clone() if delayed is not None else _empty(x2d), seeds)
+            delayed if delayed is not None else _empty(x2d), seeds)
 
 
 @_linear_fwd_op.register_fake
@@ -150,10 +162,7 @@ def _linear_bwd_op(dy2d: torch.Tensor, x_t_data: torch.Tensor, x_t_scale: torch.
     state = state_of(layer)
     recipe = state.recipe
     weight_seed, error_seed, wgrad_seed = seeds.tolist()
-    x_t = None
-    if need_dw:
-        a = recipe.activation
-        x_t = FP8Tensor(x_t_data, x_t_scale, get_format(a.fmt), a.parsed_scaling)
+    x_t = _activation_fp8(recipe, x_t_data, x_t_scale) if need_dw else None
     dy_q = _quantize_error(state, recipe, dy2d, need_dw, error_seed)
     dx, dw, db = _empty(dy2d), _empty(dy2d), _empty(dy2d)  # three tensors: outputs may not alias
     if need_dx:
@@ -217,9 +226,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         raise ValueError(f"linear: input [..., {x.shape[-1]}] does not match weight {tuple(weight.shape)} [N, K]")
     state = _state_for(state, recipe, x.device)
     k, n = x.shape[-1], weight.shape[0]
-    grad = torch.is_grad_enabled()
     y = _linear_fwd_op(x.reshape(-1, k), weight, bias, state.handle, DTYPE_NAMES[_output_dtype(x)],
-                       grad and x.requires_grad, grad and weight.requires_grad)[0]
+                       *_grads_needed(x, weight))[0]
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -292,10 +300,8 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     state = _state_for(state, recipe, x.device)
     geometry = _ConvGeometry(kernel, stride, padding, dilation, groups, out)
     if _codes_commute_with_im2col(recipe):
-        grad = torch.is_grad_enabled()
         return _conv_fwd_op(x, weight, bias, list(kernel), list(stride), list(padding), list(dilation), groups,
-                            list(out), state.handle, DTYPE_NAMES[_output_dtype(x)], grad and x.requires_grad,
-                            grad and weight.requires_grad)[0]
+                            list(out), state.handle, DTYPE_NAMES[_output_dtype(x)], *_grads_needed(x, weight))[0]
     cols = _im2col(x, geometry)  # [B*L, C*prod(k)], channel-major patches as weight.reshape(O, -1)
     og, k = o // groups, cg * math.prod(kernel)
     outs = []
@@ -457,7 +463,7 @@ def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     y = outs[0] if groups == 1 else torch.cat(outs, dim=-1)  # [B*L, O]
     state.calls += 1
     return (_channels_first(y, b, geometry.out), codes if need_dw else _empty(x, torch.uint8),
-            x_q.scale.clone() if need_dw else _empty(x),
+            x_q.scale if need_dw else _empty(x),
             torch.cat(delayed) if need_dx and delayed else _empty(x), seeds)
 
 
@@ -493,7 +499,6 @@ def _conv_bwd_op(dy: torch.Tensor, codes: torch.Tensor, x_scale: torch.Tensor, w
         w_ts = [_recast_weight(state, _group_weight(weight, gi, groups, kp), recipe, _group_seed(weight_seed, gi),
                                delayed[gi] if delayed.numel() else None) for gi in range(groups)]
     dy2d = dy.permute(0, *range(2, nd + 2), 1).reshape(-1, o)  # [B*L, O]
-    a = recipe.activation
     dx_cols, dws = [], []
     for gi in range(groups):
         dy_q = _quantize_error(state, recipe, dy2d[:, gi * og:(gi + 1) * og], need_dw, _group_seed(error_seed, gi))
@@ -502,7 +507,7 @@ def _conv_bwd_op(dy: torch.Tensor, codes: torch.Tensor, x_scale: torch.Tensor, w
         if need_dw:
             cols = _im2col_codes(codes[:, gi * cg:(gi + 1) * cg], g, kp)
             # The activation's transposed copy: with one scale and nearest rounding, the same codes transposed.
-            x_t = FP8Tensor(cols.t().contiguous(), x_scale, get_format(a.fmt), a.parsed_scaling)
+            x_t = _activation_fp8(recipe, cols.t().contiguous(), x_scale)
             dws.append(_weight_grad(dy_q, x_t, recipe, _group_seed(wgrad_seed, gi), weight.dtype)[:, :k])
     dx, dw, db = _empty(dy), _empty(dy), _empty(dy)  # three tensors: outputs may not alias
     if dx_cols:
