@@ -104,7 +104,7 @@ LAYERS = (
     ("nn", ("tritonfp8.nn",)),
     ("autocast", ("tritonfp8.autocast", "tritonfp8._autocast_policy")),
     ("training", ("tritonfp8.training", "tritonfp8.optim", "tritonfp8.trainer", "tritonfp8.data")),
-    ("tools", ("tritonfp8.reproduce", "tritonfp8.aot", "tritonfp8.cli", "tritonfp8.__main__")),
+    ("tools", ("tritonfp8.reproduce", "tritonfp8.aot", "tritonfp8.sass", "tritonfp8.cli", "tritonfp8.__main__")),
 )
 
 

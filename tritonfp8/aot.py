@@ -10,6 +10,7 @@ compiles every spec for sm_89 (Ada), sm_90 (Hopper) and sm_100 (Blackwell) with
 * the fp8 tensor-core instruction in the PTX, for specs that must use one.
 
 Run it as ``python -m tritonfp8.aot [--markdown FILE] [--json FILE] [--jobs N]``.
+``--sass-report DIR`` writes the SASS report of :mod:`tritonfp8.sass` instead.
 Triton must not be in interpreter mode (unset TRITON_INTERPRET): interpreted
 kernels cannot be compiled.
 """
@@ -20,13 +21,11 @@ import importlib
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from .ops.spec import KernelSpec
+from .ops.spec import KernelSpec, build, resource_usage
 
 KERNEL_MODULES = ("tritonfp8.ops.quantize", "tritonfp8.ops.matmul", "tritonfp8.ops.attention", "tritonfp8.ops.optim")
 TARGETS = (89, 90, 100)
@@ -38,49 +37,15 @@ FP8_MMA = {
 }
 
 
-def _cuobjdump() -> str:
-    import triton
-
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-
-def _resource_usage(cubin: bytes) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-        path = f.name
-    try:
-        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(path)
-    usage = {}
-    for line in out.splitlines():
-        if "REG:" in line:
-            for key in ("REG", "STACK", "SHARED", "LOCAL"):
-                m = re.search(rf"\b{key}:(\d+)", line)
-                if m:
-                    usage[key.lower()] = max(usage.get(key.lower(), 0), int(m.group(1)))
-    return usage
-
-
 def compile_spec(spec: KernelSpec, cc: int) -> dict:
     """Compile one spec for sm_<cc>; returns a row of the report."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     start = time.perf_counter()
     row = {"name": spec.name, "target": f"sm_{cc}", "num_warps": spec.num_warps, "num_stages": spec.num_stages,
            "fp8_mma_required": spec.fp8_mma}
-    options = dict(spec.extra)
-    attrs = options.pop("attrs", None)
-    no_spill_targets = options.pop("no_spill_targets", TARGETS)
-    row["spill_checked"] = cc in no_spill_targets
+    row["spill_checked"] = cc in spec.extra.get("no_spill_targets", TARGETS)
     try:
-        src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
-        compiled = triton.compile(
-            src, target=GPUTarget("cuda", cc, 32),
-            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages, **options},
-        )
+        compiled = build(spec, cc)
     except Exception as exc:  # reported, and failed by the test
         row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
         return row
@@ -92,7 +57,7 @@ def compile_spec(spec: KernelSpec, cc: int) -> dict:
         fma=bool(re.search(r"\bfma\.rn\.f32\b", ptx)),
         shared_bytes=compiled.metadata.shared,
         seconds=round(time.perf_counter() - start, 2),
-        **_resource_usage(compiled.asm["cubin"]),
+        **resource_usage(compiled.asm["cubin"]),
     )
     return row
 
@@ -155,7 +120,14 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--filter", default="", help="only specs whose name contains this")
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)))
+    parser.add_argument("--sass-report", metavar="DIR",
+                        help="write sass_report.json and sass_report.md into DIR (tritonfp8.sass): every kernel "
+                             "as the JIT compiles it for sm_90 (products and attention also sm_100), beside "
+                             "the reference kernels, with a roofline prediction; --filter selects rows (comma-separated "
+                             "name parts)")
     args = parser.parse_args(argv)
+    if args.sass_report:
+        return _sass_report(args.sass_report, args.jobs, args.filter)
     rows = run(targets=[int(t) for t in args.targets.split(",")], jobs=args.jobs, name_filter=args.filter)
     if args.json:
         with open(args.json, "w") as f:
@@ -168,6 +140,22 @@ def main(argv=None) -> int:
     bad = [r for r in rows if not r.get("ok") or (r["spill_checked"] and r.get("stack", 0))
            or (r["fp8_mma_required"] and not r.get("mma"))]
     return 1 if bad else 0
+
+
+def _sass_report(directory: str, jobs: int, name_filter: str) -> int:
+    from . import sass
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled ahead of time")
+    rep = sass.report(jobs=jobs, name_filter=name_filter)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "sass_report.json"), "w") as f:
+        json.dump(rep, f, indent=1)
+    with open(os.path.join(directory, "sass_report.md"), "w") as f:
+        f.write(sass.markdown(rep))
+    print(f"wrote {directory}/sass_report.md and .json: {len(rep['rows'])} rows, "
+          f"{len(rep['failed'])} failed to compile")
+    return 1 if rep["failed"] else 0
 
 
 if __name__ == "__main__":

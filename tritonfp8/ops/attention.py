@@ -104,7 +104,7 @@ import triton.language as tl
 from .. import backend as _backend
 from .._autograd import refuse_double_backward
 from ..formats import BF16, E4M3, E5M2, INPUT_DTYPES
-from .quantize import quantize
+from .quantize import hardware_nearest, quantize
 from .rounding import codes_to_tensor, round_to_code, round_to_code_reference
 from .spec import KernelSpec
 
@@ -143,10 +143,21 @@ def _exp2_int(e):
 
 
 @triton.jit
-def _to_e4m3(x):
-    """fp32 x (already scaled into E4M3's range) -> E4M3 by round_to_code, as an fp8 tensor for tl.dot."""
-    code, _ = round_to_code(x, 0, 4, 3, 0x7E, 0x7F, 0x7F, False, True)
-    return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+def _to_e4m3(x, HW: tl.constexpr):
+    """fp32 x (a scaled probability: finite, in [0, P_SCALE] with P_SCALE <= 256) -> E4M3,
+    rounded to nearest even, as an fp8 tensor for tl.dot.
+
+    HW (compiled sm_90+, where :func:`tritonfp8.ops.quantize.hardware_nearest` holds)
+    uses the hardware conversion. It equals round_to_code on this range: x is finite,
+    non-negative and below E4M3's max (448), so ``cvt.rn.satfinite`` neither saturates
+    nor meets Inf / NaN, and both round the fp32 value once to nearest even, subnormals
+    included (the conversion's other differences, numerics.md 3, need inputs out of range).
+    """
+    if HW:
+        return x.to(tl.float8e4nv)
+    else:
+        code, _ = round_to_code(x, 0, 4, 3, 0x7E, 0x7F, 0x7F, False, True)
+        return code.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit
@@ -216,7 +227,7 @@ def _fwd_blocks(
     acc, l_i, m_i, q, k_base, v_base, mask_base, qk_scale, offs_m, offs_d, in_d, start, end, N_Q, N_K,
     stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
-    HAS_MASK: tl.constexpr,
+    HAS_MASK: tl.constexpr, HW_P: tl.constexpr,
 ):
     """Online softmax over the key blocks [start, end) for one query block."""
     offs_nb = tl.arange(0, BLOCK_N)
@@ -244,7 +255,7 @@ def _fwd_blocks(
             p = tl.where(valid, p, 0.0)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, in_n, in_d, MASK, PAD_D)
-        acc = tl.dot(_to_e4m3(p * _P_SCALE_FWD), v, acc * alpha[:, None], max_num_imprecise_acc=BLOCK_N)
+        acc = tl.dot(_to_e4m3(p * _P_SCALE_FWD, HW_P), v, acc * alpha[:, None], max_num_imprecise_acc=BLOCK_N)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -277,7 +288,7 @@ def _attn_fwd_kernel(
     stride_mb, stride_mh, stride_mq, stride_mk,
     # meta
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr, HW_P: tl.constexpr,
 ):
     """o [BLOCK_M, D] and lse2 [BLOCK_M] (base 2) of one query block of one (b, h).
 
@@ -314,10 +325,10 @@ def _attn_fwd_kernel(
         end = N_K
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_base, qk_scale, offs_m, offs_d, in_d, 0,
                                 split, N_Q, N_K, stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
-                                BLOCK_N, BLOCK_D, False, False, PAD_D, False)
+                                BLOCK_N, BLOCK_D, False, False, PAD_D, False, HW_P)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_base, qk_scale, offs_m, offs_d, in_d, split,
                                 end, N_Q, N_K, stride_kn, stride_kd, stride_vn, stride_vd, stride_mq, stride_mk,
-                                BLOCK_N, BLOCK_D, True, CAUSAL, PAD_D, HAS_MASK)
+                                BLOCK_N, BLOCK_D, True, CAUSAL, PAD_D, HAS_MASK, HW_P)
     out_scale = tl.load(scale_ptr + 2 * BH + pid_z) * (1.0 / _P_SCALE_FWD)
     if HAS_MASK:  # a fully masked row has l = 0: its output is 0, as torch's
         l_i = tl.where(l_i == 0.0, float("inf"), l_i)
@@ -359,7 +370,7 @@ def _dkdv_blocks(
     offs_n, offs_d, in_d, start, end, N_Q, N_K,
     stride_qn, stride_qd, stride_dn, stride_dd, stride_tn, stride_td, stride_mq, stride_mk,
     BLOCK_M1: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr, CAUSAL: tl.constexpr,
-    PAD_D: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
+    PAD_D: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr, HW_P: tl.constexpr,
 ):
     """Accumulate dK and dV of one key block over the query blocks [start, end)."""
     offs_mb = tl.arange(0, BLOCK_M1)
@@ -386,7 +397,7 @@ def _dkdv_blocks(
             pt = tl.where(valid, pt, 0.0)
         # dV += P^T dO: P^T in E4M3 with the fixed scale, dO E5M2 read through its transposed copy
         do_k = _load(dot_base + offs_m[:, None] * stride_tn + offs_d[None, :] * stride_td, in_m, in_d, MASK, PAD_D)
-        dv = tl.dot(_to_e4m3(pt * _P_SCALE_BWD), do_k, dv, max_num_imprecise_acc=BLOCK_M1)
+        dv = tl.dot(_to_e4m3(pt * _P_SCALE_BWD, HW_P), do_k, dv, max_num_imprecise_acc=BLOCK_M1)
         # dP^T = V dO^T (fp8), dS^T = P^T (dP^T - delta) (fp32), dK += dS^T q (bf16)
         dot = _load(do_base + offs_m[None, :] * stride_dn + offs_d[:, None] * stride_dd, in_d, in_m, PAD_D, MASK)
         dst = pt * (tl.dot(v, dot, max_num_imprecise_acc=BLOCK_D) * dp_scale - delta[None, :])
@@ -407,7 +418,7 @@ def _attn_bwd_dkdv_kernel(
     stride_mb, stride_mh, stride_mq, stride_mk,
     # meta
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, INTERPRET: tl.constexpr, HW_P: tl.constexpr,
 ):
     """dK and dV of BLOCK_N1 keys of one (b, h), looping over query blocks."""
     PAD_D: tl.constexpr = HEAD_DIM != BLOCK_D
@@ -444,17 +455,17 @@ def _attn_bwd_dkdv_kernel(
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, dot_base, lse_base, delta_base, mask_base, qk_scale,
                               dp_scale, offs_n, offs_d, in_d, lo, tl.minimum(split, N_Q), N_Q, N_K,
                               stride_qn, stride_qd, stride_dn, stride_dd, stride_tn, stride_td, stride_mq, stride_mk,
-                              BLOCK_M1, BLOCK_D, True, True, PAD_D, False, INTERPRET)
+                              BLOCK_M1, BLOCK_D, True, True, PAD_D, False, INTERPRET, HW_P)
     else:
         split = 0
     dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, dot_base, lse_base, delta_base, mask_base, qk_scale,
                           dp_scale, offs_n, offs_d, in_d, split, full, N_Q, N_K,
                           stride_qn, stride_qd, stride_dn, stride_dd, stride_tn, stride_td, stride_mq, stride_mk,
-                          BLOCK_M1, BLOCK_D, False, False, PAD_D, False, INTERPRET)
+                          BLOCK_M1, BLOCK_D, False, False, PAD_D, False, INTERPRET, HW_P)
     dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, dot_base, lse_base, delta_base, mask_base, qk_scale,
                           dp_scale, offs_n, offs_d, in_d, tl.maximum(split, full), N_Q, N_Q, N_K,
                           stride_qn, stride_qd, stride_dn, stride_dd, stride_tn, stride_td, stride_mq, stride_mk,
-                          BLOCK_M1, BLOCK_D, True, False, PAD_D, HAS_MASK, INTERPRET)
+                          BLOCK_M1, BLOCK_D, True, False, PAD_D, HAS_MASK, INTERPRET, HW_P)
     dv = dv * (do_scale * (1.0 / _P_SCALE_BWD))
     dk = dk * (q_scale * sm_scale)
     mask = in_n[:, None] & in_d[None, :]
@@ -668,7 +679,8 @@ def _attention_fwd_triton(q8, k8, v8, scales, causal, sm_scale, out_dtype, mask2
         stride_vz=vt.stride(1), stride_vn=vt.stride(2), stride_vd=vt.stride(3),
         stride_oz=o.stride(1), stride_on=o.stride(2), stride_od=o.stride(3),
         HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=t.rows, BLOCK_N=t.cols, CAUSAL=causal,
-        INTERPRET=_backend.triton_interprets(), num_warps=t.num_warps, num_stages=t.num_stages,
+        INTERPRET=_backend.triton_interprets(), HW_P=hardware_nearest(q8.device),
+        num_warps=t.num_warps, num_stages=t.num_stages,
         **_mask_args(mask2),
     )
     return o, lse
@@ -706,7 +718,7 @@ def _attention_bwd_triton(do, o, lse, q8, k8, v8, scales, causal, sm_scale, mask
         stride_tz=do8t.stride(1), stride_tn=do8t.stride(2), stride_td=do8t.stride(3),
         stride_dkz=dk.stride(1), stride_dkn=dk.stride(2), stride_dkd=dk.stride(3),
         stride_dvz=dv.stride(1), stride_dvn=dv.stride(2), stride_dvd=dv.stride(3),
-        BLOCK_N1=cfg.dkdv.rows, BLOCK_M1=cfg.dkdv.cols, num_warps=cfg.dkdv.num_warps,
+        BLOCK_N1=cfg.dkdv.rows, BLOCK_M1=cfg.dkdv.cols, HW_P=hardware_nearest(q8.device), num_warps=cfg.dkdv.num_warps,
         num_stages=cfg.dkdv.num_stages, **common,
     )
     _attn_bwd_dq_kernel[(triton.cdiv(n_q, cfg.dq.rows), bh)](
@@ -1047,12 +1059,14 @@ def _aot_spec(kind: str, head_dim: int, causal: bool, out: str = "bf16", masked:
     if kind == "fwd":
         kernel = _attn_fwd_kernel
         t = cfg.fwd
-        meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=t.rows, BLOCK_N=t.cols, CAUSAL=causal, HAS_MASK=masked, INTERPRET=False)
+        meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=t.rows, BLOCK_N=t.cols, CAUSAL=causal, HAS_MASK=masked,
+                    INTERPRET=False, HW_P=True)
         unit = ("stride_qd", "stride_kd", "stride_vn", "stride_od")  # V is read through its transposed copy
     elif kind == "dkdv":
         kernel = _attn_bwd_dkdv_kernel
         t = cfg.dkdv
-        meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_N1=t.rows, BLOCK_M1=t.cols, CAUSAL=causal, HAS_MASK=masked, INTERPRET=False)
+        meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_N1=t.rows, BLOCK_M1=t.cols, CAUSAL=causal, HAS_MASK=masked,
+                    INTERPRET=False, HW_P=True)
         unit = _UNIT_STRIDES
     elif kind == "dq":
         kernel = _attn_bwd_dq_kernel

@@ -71,7 +71,8 @@ from .. import backend as _backend
 from ..formats import DTYPE_NAMES, DTYPES_BY_NAME, E8M0, ROUNDINGS, Format, check_seed, get_format
 from ..tensor import FP8Tensor, Scaling, expand_scale
 from .quantize import quantize_reference
-from .rounding import abs_nan_as_inf, decode_codes, decode_codes_into, inv_scale_from_scale, round_to_code
+from .rounding import (abs_nan_as_inf, decode_codes, decode_codes_into, inv_scale_from_scale, random_words_2d,
+                       round_to_code)
 from .spec import KernelSpec
 
 try:  # host-side tensor descriptors (TMA); Triton >= 3.4
@@ -153,7 +154,7 @@ def _flat(x):
 
 @triton.jit
 def _epilogue_part(
-    acc, offs_m, offs_n, M, N, seed,
+    acc, offs_m, offs_n, col0, M, N, seed,
     a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, amax_ptr, saturated_ptr,
     stride_asm, stride_bsn, stride_om, stride_on,
     A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, A_GM: tl.constexpr, B_GN: tl.constexpr,
@@ -161,12 +162,14 @@ def _epilogue_part(
     FP8_OUT: tl.constexpr, OUT_SCALED: tl.constexpr,
     EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, MAX_CODE: tl.constexpr,
     INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr, STOCHASTIC: tl.constexpr, SATURATE: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr, RAND4: tl.constexpr,
 ):
     """Outer scales, bias, then store as the output dtype or round to fp8 codes.
 
-    The fp8 output is rounded by :func:`round_to_code` exactly as the cast kernel
-    does: amax of the unscaled values (NaN as +inf), ``y = x * (1 / out_scale)``,
-    Philox bits keyed by (seed, m * N + n), first word.
+    The fp8 output [ROWS, COLS] (columns from ``col0``) is rounded by :func:`round_to_code`
+    exactly as the cast kernel does: amax of the unscaled values (NaN as +inf),
+    ``y = x * (1 / out_scale)``, the random word of element offset m * N + n
+    (:func:`random_words_2d`: one Philox call per 4 outputs when RAND4, N % 4 == 0).
     """
     in_m = offs_m < M
     in_n = offs_n < N
@@ -185,7 +188,7 @@ def _epilogue_part(
         if OUT_SCALED:
             y = acc * inv_scale_from_scale(tl.load(out_scale_ptr))
         if STOCHASTIC:
-            rand = tl.randint(seed, offs_m.to(tl.int64)[:, None] * N + offs_n[None, :])
+            rand = random_words_2d(seed, offs_m, col0, N, ROWS, COLS, RAND4)
         else:
             rand = 0
         code, overflow = round_to_code(y, rand, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE)
@@ -211,7 +214,7 @@ def _epilogue(
     FP8_OUT: tl.constexpr, OUT_SCALED: tl.constexpr,
     EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, MAX_CODE: tl.constexpr,
     INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr, STOCHASTIC: tl.constexpr, SATURATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_SPLIT: tl.constexpr, RAND4: tl.constexpr,
 ):
     """The epilogue of one output tile, on EPI_SPLIT (1, 2 or 4) column slices in turn,
     so that the fp8 rounding (and its Philox bits) of a large tile stays in registers."""
@@ -226,12 +229,13 @@ def _epilogue(
         p2, p3 = _split_n(right, BLOCK_M, BLOCK_N // 2)
         parts = (p0, p1, p2, p3)
     for i in tl.static_range(EPI_SPLIT):
-        offs_n = pid_n * BLOCK_N + i * W + tl.arange(0, W)
-        _epilogue_part(parts[i], offs_m, offs_n, M, N, seed,
+        col0 = pid_n * BLOCK_N + i * W
+        offs_n = col0 + tl.arange(0, W)
+        _epilogue_part(parts[i], offs_m, offs_n, col0, M, N, seed,
                        a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, amax_ptr, saturated_ptr,
                        stride_asm, stride_bsn, stride_om, stride_on,
                        A_SCALE, B_SCALE, A_GM, B_GN, E8M0_A, E8M0_B, HAS_BIAS, FP8_OUT, OUT_SCALED,
-                       EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE)
+                       EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, BLOCK_M, W, RAND4)
 
 
 # ----------------------------------------------------------------------------
@@ -257,7 +261,7 @@ def _scaled_mm_kernel(
     INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr, STOCHASTIC: tl.constexpr, SATURATE: tl.constexpr,
     # tile
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EPI_SPLIT: tl.constexpr,
+    EPI_SPLIT: tl.constexpr, RAND4: tl.constexpr,
 ):
     """out [M, N] = a [M, K] @ b [K, N] for one BLOCK_M x BLOCK_N tile; any strides."""
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -284,7 +288,7 @@ def _scaled_mm_kernel(
               stride_asm, stride_bsn, stride_om, stride_on,
               A_SCALE, B_SCALE, A_GM, B_GN, E8M0_A, E8M0_B, HAS_BIAS, FP8_OUT, OUT_SCALED,
               EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE,
-              BLOCK_M, BLOCK_N, EPI_SPLIT)
+              BLOCK_M, BLOCK_N, EPI_SPLIT, RAND4)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -306,7 +310,7 @@ def _scaled_mm_tma_kernel(
     INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr, STOCHASTIC: tl.constexpr, SATURATE: tl.constexpr,
     # tile
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EPI_SPLIT: tl.constexpr,
+    EPI_SPLIT: tl.constexpr, RAND4: tl.constexpr,
 ):
     """Persistent variant: each program walks output tiles with a stride of the grid size.
 
@@ -332,7 +336,7 @@ def _scaled_mm_tma_kernel(
                   stride_asm, stride_bsn, stride_om, stride_on,
                   A_SCALE, B_SCALE, A_GM, B_GN, E8M0_A, E8M0_B, HAS_BIAS, FP8_OUT, OUT_SCALED,
                   EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE,
-                  BLOCK_M, BLOCK_N, EPI_SPLIT)
+                  BLOCK_M, BLOCK_N, EPI_SPLIT, RAND4)
 
 
 # ----------------------------------------------------------------------------
@@ -384,14 +388,18 @@ def keep(config: GemmConfig, m: int, n: int, k: int) -> bool:
     """Whether ``config`` is worth trying on an [m, k] x [k, n] product.
 
     A tile more than twice as tall / wide as the (bucketed) problem only adds masked
-    work; a problem of 2048 x 2048 outputs or more fills every SM with the largest
-    tiles, so smaller ones are not tried there. :func:`pick_config` falls back to the
-    smallest tile when nothing is kept.
+    work. A problem of 2048 x 2048 outputs or more fills every SM with large tiles, so
+    only the largest and the half-size ones are tried there: the promoted accumulation
+    waits for every wgmma (wait depth 0 in the SASS report), and two 64 x 128 CTAs per
+    SM let one CTA's MMAs run while the other promotes (predicted 1979 against 1293
+    TFLOP/s for 128 x 128, ``python -m tritonfp8.aot --sass-report``; the autotuner
+    measures which wins). :func:`pick_config` falls back to the smallest tile when
+    nothing is kept.
     """
     if config.block_m > max(64, bucket(m)) or config.block_n > max(64, bucket(n)):
         return False
     largest = max(c.block_m * c.block_n for c in CONFIGS)
-    return bucket(m) * bucket(n) < 2048 * 2048 or config.block_m * config.block_n == largest
+    return bucket(m) * bucket(n) < 2048 * 2048 or 2 * config.block_m * config.block_n >= largest
 
 
 # Time the kept candidates on a GPU and cache the fastest (pick_config). False uses the
@@ -442,8 +450,9 @@ def _scale_strides(scale: torch.Tensor, is_a: bool) -> tuple[int, int]:
 
 
 def scaled_mm_meta(a_scaling: Scaling, b_scaling: Scaling, has_bias: bool, out_fmt: Optional[Format],
-                   out_scaled: bool, rounding: str, saturate: bool, config: GemmConfig) -> dict:
-    """The constexpr arguments of the product kernels (also used to compile them ahead of time)."""
+                   out_scaled: bool, rounding: str, saturate: bool, config: GemmConfig, n: int = 1 << 30) -> dict:
+    """The constexpr arguments of the product kernels for an output with ``n`` columns
+    (also used to compile them ahead of time)."""
     a_mode, a_gm, a_k = _operand_scale(a_scaling, True)
     b_mode, b_gn, b_k = _operand_scale(b_scaling, False)
     scale_k = max(a_k, b_k)
@@ -456,13 +465,13 @@ def scaled_mm_meta(a_scaling: Scaling, b_scaling: Scaling, has_bias: bool, out_f
         MAX_CODE=fmt.max_code if fmt else 0, INF_CODE=fmt.inf_code if fmt else 0,
         NAN_CODE=fmt.nan_code if fmt else 0,
         STOCHASTIC=fmt is not None and rounding == "stochastic", SATURATE=saturate,
-        EPI_SPLIT=epilogue_split(config, fmt is not None and rounding == "stochastic"),
+        EPI_SPLIT=epilogue_split(config, fmt is not None and rounding == "stochastic"), RAND4=n % 4 == 0,
         **config.meta(scale_k),
     )
 
 
 def epilogue_split(config: GemmConfig, stochastic: bool) -> int:
-    """Column slices of the epilogue: stochastic rounding (Philox per element) works on
+    """Column slices of the epilogue: stochastic rounding (its Philox words) works on
     slices of at most 32 columns per 4 warps, so no configuration spills."""
     if not stochastic:
         return 1
@@ -531,7 +540,7 @@ def _scaled_mm_triton(a, a_scale, a_scaling, b, b_scale, b_scaling, bias, out_dt
 
     def launch(var: str, cfg: GemmConfig, out_args: dict):
         meta = scaled_mm_meta(a_scaling, b_scaling, bias is not None, out_fmt, out_scale is not None,
-                              rounding, saturate, cfg)
+                              rounding, saturate, cfg, n)
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
         if var == "tma":
             a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [cfg.block_m, meta["BLOCK_K"]])

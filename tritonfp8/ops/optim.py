@@ -38,8 +38,8 @@ both backends receive the same fp32 values. The update uses the fp32 values of t
 optimizer state computed in this step; the state is then stored in its dtype (fp32,
 or bf16 rounded to nearest). The new master weight is written in the master dtype:
 fp32 as is, fp16 / bf16 rounded ONCE from the fp32 result by ``round_to_code`` (the
-same code that rounds to fp8), stochastically with Philox bits keyed by
-(seed, element offset in the flat buffer) or to nearest. Values above the 16-bit
+same code that rounds to fp8), stochastically (element offset o in the flat buffer takes
+word o % 4 of Philox(seed, o // 4): one call per 4 elements) or to nearest. Values above the 16-bit
 range become +-Inf (IEEE, not saturated: a diverging weight stays visible).
 
 Bit-exactness: the Triton kernel under the interpreter and the torch reference give
@@ -61,8 +61,8 @@ import triton.language as tl
 
 from .. import backend as _backend
 from ..formats import BF16, FP16, Format
-from .rounding import codes_to_tensor, philox_reference, round_to_code, round_to_code_reference, seed_tensor
-from .spec import KernelSpec
+from .rounding import (codes_to_tensor, random_words_1d, random_words_reference, round_to_code, round_to_code_reference,
+                       seed_tensor)
 
 BLOCK = 1024  # elements per program
 ALIGN = 16  # segments in a flat buffer start and end at multiples of this many elements
@@ -98,7 +98,7 @@ def f32(x: float) -> float:
 
 @triton.jit
 def _chunk(chunks_ptr, inv_scale_ptr, BLOCK: tl.constexpr):
-    """(element offsets [BLOCK] int64, in-range mask, gradient unscale factor) of this program."""
+    """(element offsets [BLOCK] int64, in-range mask, gradient unscale factor, first offset) of this program."""
     pid = tl.program_id(0)
     start = tl.load(chunks_ptr + pid * 3)
     end = tl.load(chunks_ptr + pid * 3 + 1)
@@ -106,7 +106,7 @@ def _chunk(chunks_ptr, inv_scale_ptr, BLOCK: tl.constexpr):
     start = tl.multiple_of(start, ALIGN_C)
     end = tl.multiple_of(end, ALIGN_C)
     offs = start + tl.arange(0, BLOCK)
-    return offs, offs < end, tl.load(inv_scale_ptr + seg)
+    return offs, offs < end, tl.load(inv_scale_ptr + seg), start
 
 
 @triton.jit
@@ -141,7 +141,7 @@ def _sgd_kernel(
     MOMENTUM: tl.constexpr, STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One SGD step on one chunk of a flat buffer (see the module docstring for the math)."""
-    offs, mask, inv_scale = _chunk(chunks_ptr, inv_scale_ptr, BLOCK)
+    offs, mask, inv_scale, start = _chunk(chunks_ptr, inv_scale_ptr, BLOCK)
     g = _load_f32(grad_ptr, offs, mask) * inv_scale
     g = g * sign
     p = _load_f32(param_ptr, offs, mask)
@@ -159,7 +159,7 @@ def _sgd_kernel(
             g = buf
     p = p - g * lr
     if STOCHASTIC:
-        rand = tl.randint(seed, offs)
+        rand = random_words_1d(seed, start, BLOCK)
     else:
         rand = 0
     _store_rounded(param_ptr, offs, mask, p, rand, STOCHASTIC)
@@ -175,7 +175,7 @@ def _adamw_kernel(
     STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One AdamW step on one chunk of a flat buffer (see the module docstring for the math)."""
-    offs, mask, inv_scale = _chunk(chunks_ptr, inv_scale_ptr, BLOCK)
+    offs, mask, inv_scale, start = _chunk(chunks_ptr, inv_scale_ptr, BLOCK)
     g = _load_f32(grad_ptr, offs, mask) * inv_scale
     g = g * sign
     p = _load_f32(param_ptr, offs, mask) * decay
@@ -186,7 +186,7 @@ def _adamw_kernel(
     denom = tl.math.div_rn(tl.math.sqrt_rn(v), tl.zeros_like(v) + bias_correction2_sqrt) + eps
     p = p - tl.math.div_rn(m, denom) * step_size
     if STOCHASTIC:
-        rand = tl.randint(seed, offs)
+        rand = random_words_1d(seed, start, BLOCK)
     else:
         rand = 0
     _store_rounded(param_ptr, offs, mask, p, rand, STOCHASTIC)
@@ -313,8 +313,9 @@ def _sgd_run_reference(param, grad, momentum_buffer, inv_scale, seed, offset, s:
                        nesterov: bool, first: bool, has_momentum: bool, stochastic: bool):
     """One contiguous run of the flat buffers (param, grad, buffer: [n] views), updated in place.
 
-    ``offset`` (int64 []) is the run's first element offset in the flat buffer: Philox is keyed
-    by (seed, element offset), as in the kernel. Runs compiled on large CPU tensors.
+    ``offset`` (int64 [], a multiple of ALIGN) is the run's first element offset in the flat
+    buffer: the random words are the flat buffer's, as in the kernel. Runs compiled on large
+    CPU tensors.
     """
     g = grad.float() * inv_scale
     g = g * s["sign"]
@@ -331,7 +332,7 @@ def _sgd_run_reference(param, grad, momentum_buffer, inv_scale, seed, offset, s:
     p = p - g * s["lr"]
     rand = None
     if stochastic:
-        rand = philox_reference(seed, torch.arange(param.numel(), dtype=torch.int64, device=param.device) + offset)[0]
+        rand = random_words_reference(seed, param.numel(), offset)
     param.copy_(round_to_dtype_reference(p, param.dtype, rand, stochastic))
 
 
@@ -349,7 +350,7 @@ def _adamw_run_reference(param, grad, exp_avg, exp_avg_sq, inv_scale, seed, offs
     p = p - (m / denom) * s["step_size"]
     rand = None
     if stochastic:
-        rand = philox_reference(seed, torch.arange(param.numel(), dtype=torch.int64, device=param.device) + offset)[0]
+        rand = random_words_reference(seed, param.numel(), offset)
     param.copy_(round_to_dtype_reference(p, param.dtype, rand, stochastic))
 
 
@@ -447,7 +448,17 @@ _TRITON_TYPE = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: 
 
 
 def aot_specs() -> list:
-    """The configurations of the optimizer kernels that must compile for sm_89 / sm_90 / sm_100."""
+    """The configurations of the optimizer kernels that must compile for sm_89 / sm_90 / sm_100,
+    each specialized as the JIT specializes a launch on 1M-element flat buffers (weight decay on)."""
+    from .spec import launched_spec
+
+    n = 1 << 20
+
+    def flat(dtype):
+        return torch.empty((n,), dtype=dtype, device="meta")
+
+    chunks = torch.empty((n // BLOCK, 3), dtype=torch.int64, device="meta")
+    inv_scales = torch.empty((1,), dtype=torch.float32, device="meta")
     specs = []
     sgd_cases = [  # (master, state, momentum, stochastic)
         (torch.float16, torch.float32, True, True),
@@ -457,15 +468,11 @@ def aot_specs() -> list:
     ]
     for master, state, mom, sr in sgd_cases:
         p, s = _TRITON_TYPE[master], _TRITON_TYPE[state] if mom else _TRITON_TYPE[master]
-        signature = {
-            "param_ptr": p, "grad_ptr": p, "buf_ptr": s, "chunks_ptr": "*i64", "inv_scale_ptr": "*fp32",
-            "seed": "i64", "lr": "fp32", "weight_decay": "fp32", "momentum": "fp32", "damp": "fp32",
-            "sign": "fp32", "first": "i32", "nesterov": "i32",
-            "MOMENTUM": "constexpr", "STOCHASTIC": "constexpr", "BLOCK": "constexpr",
-        }
         name = f"sgd_{p[1:]}_{s[1:] if mom else 'nomom'}_{'sr' if sr else 'rn'}"
-        specs.append(KernelSpec(name, _sgd_kernel, signature, dict(MOMENTUM=mom, STOCHASTIC=sr, BLOCK=BLOCK),
-                                NUM_WARPS, 1, False, extra=dict(enable_fp_fusion=False)))
+        specs.append(launched_spec(
+            name, _sgd_triton, flat(master), flat(master), flat(state) if mom else None, chunks, inv_scales,
+            1234, 0.01, 1e-4, 0.9 if mom else 0.0, 0.0, False, False, False, mom, sr,
+        ))
     adam_cases = [  # (master, state, stochastic)
         (torch.float16, torch.float32, True),
         (torch.bfloat16, torch.bfloat16, True),
@@ -474,13 +481,9 @@ def aot_specs() -> list:
     ]
     for master, state, sr in adam_cases:
         p, s = _TRITON_TYPE[master], _TRITON_TYPE[state]
-        signature = {
-            "param_ptr": p, "grad_ptr": p, "exp_avg_ptr": s, "exp_avg_sq_ptr": s, "chunks_ptr": "*i64",
-            "inv_scale_ptr": "*fp32", "seed": "i64", "decay": "fp32", "beta1": "fp32", "one_minus_beta1": "fp32",
-            "beta2": "fp32", "one_minus_beta2": "fp32", "step_size": "fp32", "bias_correction2_sqrt": "fp32",
-            "eps": "fp32", "sign": "fp32", "STOCHASTIC": "constexpr", "BLOCK": "constexpr",
-        }
         name = f"adamw_{p[1:]}_{s[1:]}_{'sr' if sr else 'rn'}"
-        specs.append(KernelSpec(name, _adamw_kernel, signature, dict(STOCHASTIC=sr, BLOCK=BLOCK), NUM_WARPS, 1, False,
-                                extra=dict(enable_fp_fusion=False)))
+        specs.append(launched_spec(
+            name, _adamw_triton, flat(master), flat(master), flat(state), flat(state), chunks, inv_scales,
+            1234, 1e-3, 0.9, 0.999, 1e-8, 0.01, 10, False, sr,
+        ))
     return specs

@@ -37,12 +37,14 @@ from .rounding import (
     inv_scale_from_scale,
     inv_scale_from_scale_reference,
     mx_max_frac,
-    philox_reference,
+    overflow_midpoint,
+    random_words_2d,
+    random_words_reference,
     round_to_code,
+    round_to_code_hw,
     round_to_code_reference,
     seed_tensor,
 )
-from .spec import KernelSpec, signature_of
 
 
 # How a head (the normal output, or the transposed copy) finds its scale, in the
@@ -87,19 +89,25 @@ def _amax_kernel(
 @triton.jit
 def _quantize_head(
     x, absx, rand, offs_m, offs_k, pid_m, pid_k, first_chunk, M, K,
-    out_ptr, scale_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, span_col_amax, span_amax,
+    out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, span_col_amax, span_amax,
     stride_sm, stride_sk,
     MODE: tl.constexpr, GIVEN_SCALE: tl.constexpr, E8M0_SCALE: tl.constexpr, TRANSPOSED: tl.constexpr,
+    ALSO_TRANSPOSED: tl.constexpr, HW_NEAREST: tl.constexpr, HW_MIDPOINT: tl.constexpr,
     EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, MAX_CODE: tl.constexpr,
     INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr,
     STOCHASTIC: tl.constexpr, SATURATE: tl.constexpr, POW2: tl.constexpr,
     FMAX_MARGIN: tl.constexpr, EMAX: tl.constexpr, MX_MAX_FRAC: tl.constexpr,
 ):
-    """Scale, round and store one output of a chunk of rows; returns its count of overflowed values.
+    """Scale, round and store one output of a chunk of rows; returns its overflowed values (int32 0 / 1
+    per element of the chunk, 0 outside the tensor).
 
     ``span_col_amax`` [TILE_K] and ``span_amax`` [] are the amaxes of groups that span
     the whole tile (computed in a first pass). TRANSPOSED stores x^T as a contiguous
     [K, M] tensor (the chunk is transposed in registers so the store stays coalesced).
+    ALSO_TRANSPOSED stores the same codes both ways (to ``out_ptr`` and, as x^T, to
+    ``out_t_ptr``; a computed tensor scale to ``scale_t_ptr`` too): the transposed copy
+    of a cast whose two copies share their scale and their random words is the
+    transpose of its codes.
     """
     in_m = offs_m < M
     in_k = offs_k < K
@@ -157,8 +165,14 @@ def _quantize_head(
             else:
                 inv, scale = inv_scale_from_amax(amax, FMAX_MARGIN, POW2)
                 tl.store(scale_ptrs, scale, mask=owner)
+                if ALSO_TRANSPOSED:  # MODE_TENSOR: one scale
+                    tl.store(scale_t_ptr, scale, mask=owner)
         y = x * inv
-    code, overflow = round_to_code(y, rand, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE)
+    if HW_NEAREST:
+        code, overflow = round_to_code_hw(y, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, SATURATE, HW_MIDPOINT)
+    else:
+        code, overflow = round_to_code(y, rand, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC,
+                                       SATURATE)
     mask = in_m[:, None] & in_k[None, :]
     if TRANSPOSED:
         tl.store(
@@ -168,7 +182,13 @@ def _quantize_head(
         )
     else:
         tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], code.to(tl.uint8), mask=mask)
-    return tl.sum(tl.sum((overflow & mask).to(tl.int32), axis=1), axis=0)
+        if ALSO_TRANSPOSED:
+            tl.store(
+                out_t_ptr + offs_k[:, None] * M + offs_m[None, :],
+                tl.trans(code).to(tl.uint8),
+                mask=in_k[:, None] & in_m[None, :],
+            )
+    return (overflow & mask).to(tl.int32)
 
 
 @triton.jit
@@ -189,7 +209,8 @@ def _quantize_kernel(
     stride_xm, stride_xk, stride_sm, stride_sk, stride_tsm, stride_tsk,
     # modes
     MODE: tl.constexpr, MODE_T: tl.constexpr, GIVEN_SCALE: tl.constexpr,
-    TRANSPOSE: tl.constexpr, RECORD_AMAX: tl.constexpr, E8M0_SCALE: tl.constexpr,
+    TRANSPOSE: tl.constexpr, RECORD_AMAX: tl.constexpr, E8M0_SCALE: tl.constexpr, RAND4: tl.constexpr,
+    HW_NEAREST: tl.constexpr, HW_MIDPOINT: tl.constexpr,
     # format and rounding
     EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, MAX_CODE: tl.constexpr,
     INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr,
@@ -202,8 +223,15 @@ def _quantize_kernel(
 
     Pass 1 (only when a group spans more rows than a chunk: TILE_COLS / TILE modes)
     reduces the column and tile amax; pass 2 scales, rounds and stores every output
-    of each chunk. Register use stays at one CHUNK_M x TILE_K chunk.
+    of each chunk. Register use stays at one CHUNK_M x TILE_K chunk. Stochastic
+    rounding draws one Philox call per 4 elements (RAND4: K % 4 == 0), and both
+    outputs take each element's word; when they share the scale too (none / tensor
+    modes) the transposed copy stores the same codes. HW_NEAREST (compiled sm_90+)
+    rounds to nearest through the hardware conversion (:func:`round_to_code_hw`). The
+    amax and the overflow counts accumulate per element in registers and are reduced
+    once per tile.
     """
+    SAME_CODES: tl.constexpr = TRANSPOSE and (MODE == MODE_T) and ((MODE == MODE_NONE) or (MODE == MODE_TENSOR))
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_k = pid_k * TILE_K + tl.arange(0, TILE_K)
@@ -217,41 +245,44 @@ def _quantize_kernel(
             x = _load_chunk(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
             span_col_amax = tl.maximum(span_col_amax, tl.max(abs_nan_as_inf(x), axis=0))
     span_amax = tl.max(span_col_amax, axis=0)
-    tile_amax = 0.0
-    saturated = 0
-    saturated_t = 0
+    if RECORD_AMAX and SPANS:  # the first pass saw the whole tile: record its amax now (not live across pass 2)
+        tl.atomic_max(amax_ptr, span_amax)
+    amax_acc = tl.zeros([CHUNK_M, TILE_K], dtype=tl.float32)
+    saturated = tl.zeros([CHUNK_M, TILE_K], dtype=tl.int32)
+    saturated_t = tl.zeros([CHUNK_M, TILE_K], dtype=tl.int32)
     for c in range(0, TILE_M, CHUNK_M):
         offs_m = pid_m * TILE_M + c + tl.arange(0, CHUNK_M)
         x = _load_chunk(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
         absx = abs_nan_as_inf(x)
-        tile_amax = tl.maximum(tile_amax, tl.max(tl.max(absx, axis=1), axis=0))
-        if STOCHASTIC:
-            # Philox keyed by (seed, element offset in x's [M, K] view); the normal
-            # output takes the first of its four words, the transposed copy the second.
-            rand, rand_t, _, _ = tl.randint4x(seed, offs_m.to(tl.int64)[:, None] * K + offs_k[None, :])
+        if RECORD_AMAX and not SPANS:  # with SPANS the first pass has the tile's amax
+            amax_acc = tl.maximum(amax_acc, absx)
+        if STOCHASTIC:  # each element's word of Philox(seed, offset in x's [M, K] view // 4)
+            rand = random_words_2d(seed, offs_m, pid_k * TILE_K, K, CHUNK_M, TILE_K, RAND4)
         else:
             rand = 0
-            rand_t = 0
-        saturated += _quantize_head(
+        overflowed = _quantize_head(
             x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
-            out_ptr, scale_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, span_col_amax, span_amax,
-            stride_sm, stride_sk,
-            MODE, GIVEN_SCALE, E8M0_SCALE, False,
+            out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, span_col_amax,
+            span_amax, stride_sm, stride_sk,
+            MODE, GIVEN_SCALE, E8M0_SCALE, False, SAME_CODES, HW_NEAREST, HW_MIDPOINT,
             EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX, MX_MAX_FRAC,
         )
-        if TRANSPOSE:
+        saturated += overflowed
+        if SAME_CODES:
+            saturated_t += overflowed
+        elif TRANSPOSE:
             saturated_t += _quantize_head(
-                x, absx, rand_t, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
-                out_t_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, span_col_amax, span_amax,
-                stride_tsm, stride_tsk,
-                MODE_T, GIVEN_SCALE, E8M0_SCALE, True,
+                x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
+                out_t_ptr, out_t_ptr, scale_t_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
+                span_col_amax, span_amax, stride_tsm, stride_tsk,
+                MODE_T, GIVEN_SCALE, E8M0_SCALE, True, False, HW_NEAREST, HW_MIDPOINT,
                 EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX, MX_MAX_FRAC,
             )
-    if RECORD_AMAX:
-        tl.atomic_max(amax_ptr, tile_amax)
-    tl.atomic_add(saturated_ptr, saturated)
+    if RECORD_AMAX and not SPANS:
+        tl.atomic_max(amax_ptr, tl.max(tl.max(amax_acc, axis=1), axis=0))
+    tl.atomic_add(saturated_ptr, tl.sum(tl.sum(saturated, axis=1), axis=0))
     if TRANSPOSE:
-        tl.atomic_add(saturated_ptr + 1, saturated_t)
+        tl.atomic_add(saturated_ptr + 1, tl.sum(tl.sum(saturated_t, axis=1), axis=0))
 
 
 # ----------------------------------------------------------------------------
@@ -294,15 +325,18 @@ def quantize_tile(scaling: Scaling, transpose: bool, m: int = 1 << 30) -> tuple[
 
 
 def quantize_meta(fmt: Format, scaling: Scaling, rounding: str, saturate: bool, transpose: bool,
-                  given_scale: bool, margin: int, power_of_two: bool, m: int = 1 << 30) -> dict:
-    """The constexpr arguments of ``_quantize_kernel`` (also used to compile it ahead of time)."""
+                  given_scale: bool, margin: int, power_of_two: bool, m: int = 1 << 30, k: int = 1 << 30,
+                  hardware_nearest: bool = False) -> dict:
+    """The constexpr arguments of ``_quantize_kernel`` for an [m, k] input; ``hardware_nearest``:
+    round to nearest through the hardware conversion (see :func:`hardware_nearest`)."""
     mode = _head_mode(scaling)
     mode_t = _head_mode(scaling.transposed()) if transpose else 0
     tile_m, tile_k, chunk_m = quantize_tile(scaling, transpose, m)
     needs_prepass = not given_scale and (mode in _GLOBAL_MODES or mode_t in _GLOBAL_MODES)
     return dict(
         MODE=mode, MODE_T=mode_t, GIVEN_SCALE=given_scale, TRANSPOSE=transpose,
-        RECORD_AMAX=not needs_prepass, E8M0_SCALE=scaling.is_mx,
+        RECORD_AMAX=not needs_prepass, E8M0_SCALE=scaling.is_mx, RAND4=k % 4 == 0,
+        HW_NEAREST=hardware_nearest and rounding == "nearest", HW_MIDPOINT=overflow_midpoint(fmt),
         EXP_BITS=fmt.exp_bits, MAN_BITS=fmt.man_bits, MAX_CODE=fmt.max_code,
         INF_CODE=fmt.inf_code, NAN_CODE=fmt.nan_code,
         STOCHASTIC=rounding == "stochastic", SATURATE=saturate, POW2=power_of_two,
@@ -318,10 +352,81 @@ def _empty_scale(scaling: Scaling, m: int, k: int, device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=device)
 
 
-def _quantize_triton(x, fmt, rounding, scaling, seed, saturate, transpose, scale, margin, power_of_two):
+# Per CUDA device: whether the hardware nearest conversion passed its probe (hardware_nearest).
+_HARDWARE_NEAREST: dict = {}
+
+
+def hardware_nearest(device) -> bool:
+    """Whether compiled casts on ``device`` round to nearest through the hardware conversion.
+
+    Yes on sm_90 and newer once a probe agreed with the integer rounding bit for bit (every
+    bf16 pattern and the fp32 boundary cases, both formats, both saturation modes; run once
+    per device, on the first nearest cast). sm_89 converts fp32 through fp16 rounded toward
+    zero (two roundings), the interpreter's conversion is wrong: both keep the integer path.
+    ``meta`` tensors stand for an sm_90 launch (the AOT compile and the SASS report).
+    """
+    device = torch.device(device)
+    if device.type == "meta":
+        return True
+    if device.type != "cuda" or _backend.triton_interprets() or torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _HARDWARE_NEAREST:
+        _HARDWARE_NEAREST[index] = _probe_hardware_nearest(torch.device("cuda", index))
+    return _HARDWARE_NEAREST[index]
+
+
+def _nearest_probe_values() -> torch.Tensor:
+    """Every bf16 bit pattern as fp32, and fp32 values at each format's rounding boundaries
+    (ties and their neighbours at the overflow midpoint, in the subnormal range, at zero)."""
+    from ..formats import E4M3, E5M2
+
+    patterns = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    edges = []
+    for fmt in (E4M3, E5M2):
+        top_ulp = 2.0 ** (fmt.emax - fmt.man_bits)
+        for v in (fmt.max + top_ulp / 2, fmt.max, fmt.min_subnormal / 2, fmt.min_subnormal * 1.5, fmt.min_normal):
+            edges += [v, float(torch.tensor(v).nextafter(torch.tensor(0.0))), float(torch.tensor(v).nextafter(
+                torch.tensor(float("inf"))))]
+    edges = torch.tensor(edges, dtype=torch.float32)
+    values = torch.cat([patterns, edges, -edges])
+    pad = (-values.numel()) % 256
+    return torch.cat([values, torch.zeros(pad)]).reshape(-1, 256)
+
+
+def _probe_hardware_nearest(device) -> bool:
+    """The hardware nearest path against the integer one on :func:`_nearest_probe_values`."""
+    import warnings
+
+    from ..formats import E4M3, E5M2
+
+    x = _nearest_probe_values().to(device)
+    none = Scaling.parse("none")
+    for fmt in (E4M3, E5M2):
+        for saturate in (True, False):
+            hw = _quantize_triton(x, fmt, "nearest", none, 0, saturate, False, None, 0, False, hardware=True)
+            integer = _quantize_triton(x, fmt, "nearest", none, 0, saturate, False, None, 0, False, hardware=False)
+            same = torch.equal(hw[0].view(torch.uint8), integer[0].view(torch.uint8)) and torch.equal(hw[3], integer[3])
+            if not same:
+                warnings.warn(
+                    f"tritonfp8: the hardware fp8 conversion on {torch.cuda.get_device_name(device)} disagrees with "
+                    f"the integer rounding ({fmt.name}, saturate={saturate}); nearest casts use the integer path "
+                    "(correct, slower). Please report this with the GPU and driver version.",
+                    RuntimeWarning, stacklevel=3)
+                return False
+    return True
+
+
+def _quantize_triton(x, fmt, rounding, scaling, seed, saturate, transpose, scale, margin, power_of_two,
+                     hardware: Optional[bool] = None):
+    """Launch the cast kernels on x [M, K]; ``hardware``: round to nearest through the hardware
+    conversion (None: where :func:`hardware_nearest` says it is exact)."""
     m, k = x.shape
     device = x.device
-    meta = quantize_meta(fmt, scaling, rounding, saturate, transpose, scale is not None, margin, power_of_two, m)
+    if hardware is None:
+        hardware = rounding == "nearest" and hardware_nearest(device)
+    meta = quantize_meta(fmt, scaling, rounding, saturate, transpose, scale is not None, margin, power_of_two, m, k,
+                         hardware)
     out = torch.empty((m, k), dtype=torch.uint8, device=device)
     out_scale = scale.clone() if scale is not None else _empty_scale(scaling, m, k, device)
     if scaling.kind == "none":
@@ -392,8 +497,8 @@ def _transposed_copy(t: torch.Tensor) -> torch.Tensor:
     return t.t().clone(memory_format=torch.contiguous_format)
 
 
-# What a call of the element-wise cast emits: codes of x (first Philox word), codes of the
-# transposed copy (second word, still in x's orientation), or both from the same scaled values.
+# What a call of the element-wise cast emits: codes of x, codes of the transposed copy
+# (still in x's orientation), or both from the same scaled values (the same codes).
 EMIT_NORMAL, EMIT_TRANSPOSED, EMIT_BOTH = "normal", "transposed", "both"
 
 
@@ -402,32 +507,25 @@ def _round_codes_reference(x, inv, seed, fmt, stochastic: bool, saturate: bool, 
     """The element-wise cast: ``x * inv`` rounded once to ``fmt``.
 
     x: [M, K] fp32 / bf16 / fp16, contiguous; inv: fp32 [] inverse scale (1 when the caller
-    applied group scales already). Stochastic rounding of element [m, k] takes Philox(seed,
-    m * K + k): its first word for x's codes, its second for the transposed copy's.
+    applied group scales already). Stochastic rounding of element [m, k] takes word o % 4 of
+    Philox(seed, o // 4), o = m * K + k, for either copy (numerics.md 2).
     Returns [codes [M, K], overflow count, codes of the transposed copy [M, K] (still in x's
     orientation), overflow count] (uint8 codes, int32 [] counts; the outputs ``emit`` leaves
-    out are empty / zero). The caller transposes: inside a dynamic-shape graph Inductor's
-    transposed store took minutes to compile for some shapes.
-    Runs compiled on large CPU tensors (one fused loop per output), else eagerly.
+    out are empty / zero; with EMIT_BOTH the copy's codes are x's). The caller transposes:
+    inside a dynamic-shape graph Inductor's transposed store took minutes to compile for
+    some shapes. Runs compiled on large CPU tensors (one fused loop per output), else eagerly.
     """
     y = x.float() * inv
-    first = second = None
-    if stochastic:
-        offsets = torch.arange(x.numel(), dtype=torch.int64, device=x.device).reshape(x.shape)
-        first, second, _, _ = philox_reference(seed, offsets)
+    rand = random_words_reference(seed, x.numel(), device=x.device).reshape(x.shape) if stochastic else None
+    code, over = round_to_code_reference(y, rand, fmt, stochastic, saturate)
+    codes, overflow = code.to(torch.uint8), over.sum().to(torch.int32)
     none = torch.empty((0, 0), dtype=torch.uint8, device=x.device)
     zero = torch.zeros((), dtype=torch.int32, device=x.device)
-    codes, overflow, codes_t, overflow_t = none, zero, none, zero
-    if emit != EMIT_TRANSPOSED:
-        code, over = round_to_code_reference(y, first, fmt, stochastic, saturate)
-        codes, overflow = code.to(torch.uint8), over.sum().to(torch.int32)
-    if emit != EMIT_NORMAL:
-        if stochastic or emit == EMIT_TRANSPOSED:
-            code, over = round_to_code_reference(y, second, fmt, stochastic, saturate)
-            codes_t, overflow_t = code.to(torch.uint8), over.sum().to(torch.int32)
-        else:  # nearest from the same scaled values: the same codes, transposed
-            codes_t, overflow_t = codes, overflow
-    return [codes, overflow, codes_t, overflow_t]
+    if emit == EMIT_NORMAL:
+        return [codes, overflow, none, zero]
+    if emit == EMIT_TRANSPOSED:
+        return [none, zero, codes, overflow]
+    return [codes, overflow, codes, overflow]
 
 
 def _quantize_head_reference(x, amax, seed, fmt, scaling, stochastic, saturate, given_scale, margin,
@@ -476,9 +574,9 @@ def quantize_reference(x, fmt, rounding, scaling, seed, saturate, transpose, sca
     runs compiled on large CPU tensors (:func:`_round_codes_reference`), with the same bits.
 
     The transposed copy is computed in x's orientation: x^T's groups under ``scaling`` are
-    x's groups under ``scaling.transposed()``, and element [k, m] of x^T draws the second
-    Philox word at x's offset m * K + k. With one scale for the whole tensor both copies
-    come from the same scaled values in one call.
+    x's groups under ``scaling.transposed()``, and element [k, m] of x^T takes the random
+    word of x's element [m, k] (the same draw). With one scale for the whole tensor both
+    copies are the same codes, from one call.
     """
     x = x.contiguous()
     stochastic = rounding == "stochastic"
@@ -666,21 +764,25 @@ def quantize(
 
 
 def aot_specs():
-    """The cast kernel in every scaling mode, with and without the transposed copy."""
+    """The cast kernel in every scaling mode, with and without the transposed copy, each
+    specialized as the JIT specializes a launch on a contiguous [4096, 4096] input."""
     from ..formats import E4M3, E5M2
+    from .spec import launched_spec
 
-    def spec(fmt, scaling, rounding, transpose, saturate=True, x_type="*fp32", m=1 << 30):
+    _SHORT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+    def launch(fmt, scaling, rounding, transpose, saturate=True, dtype=torch.float32, m=4096):
         sc = Scaling.parse(scaling)
-        meta = quantize_meta(fmt, sc, rounding, saturate, transpose, False, 0, False, m)
-        scale_type = "*u8" if sc.is_mx else "*fp32"
-        types = {
-            "x_ptr": x_type, "out_ptr": "*u8", "out_t_ptr": "*u8", "scale_ptr": scale_type, "scale_t_ptr": scale_type,
-            "amax_ptr": "*fp32", "amax_rows_ptr": "*fp32", "amax_cols_ptr": "*fp32", "saturated_ptr": "*i32",
-            "seed": "i64",
-        }
+        x = torch.empty((m, 4096), dtype=dtype, device="meta")
+        return lambda: _quantize_triton(x, fmt, rounding, sc, 1234, saturate, transpose, None, 0, False)
+
+    def spec(fmt, scaling, rounding, transpose, saturate=True, dtype=torch.float32, m=4096):
+        sc = Scaling.parse(scaling)
+        tile_m, tile_k, _ = quantize_tile(sc, transpose, m)
         name = (f"quantize[{fmt.name},{sc},{rounding}{',T' if transpose else ''}{'' if saturate else ',nosat'},"
-                f"{x_type[1:]},tile={meta['TILE_M']}x{meta['TILE_K']}]")
-        return KernelSpec(name, _quantize_kernel, signature_of(_quantize_kernel, meta, types), meta, num_warps=NUM_WARPS)
+                f"{_SHORT_NAMES[dtype]},tile={tile_m}x{tile_k}]")
+        return launched_spec(name, launch(fmt, scaling, rounding, transpose, saturate, dtype, m),
+                             kernel=_quantize_kernel)
 
     specs = [
         spec(E4M3, scaling, "stochastic", transpose)
@@ -688,15 +790,10 @@ def aot_specs():
         for transpose in (False, True)
     ]
     specs += [
-        spec(E5M2, "none", "nearest", False, saturate=False, x_type="*bf16"),
-        spec(E5M2, (1, 128), "nearest", True, x_type="*fp16"),
+        spec(E5M2, "none", "nearest", False, saturate=False, dtype=torch.bfloat16),
+        spec(E5M2, (1, 128), "nearest", True, dtype=torch.float16),
         spec(E5M2, "mx", "nearest", True),
         spec(E4M3, "row", "stochastic", False, m=2),  # few rows: 1 x 1024 chunks
     ]
-    amax_meta = dict(ROWS=True, COLS=True, TILE_M=DEFAULT_TILE_TRANSPOSED[0], TILE_K=DEFAULT_TILE_TRANSPOSED[1])
-    specs.append(KernelSpec(
-        "quantize_amax[rows,cols]", _amax_kernel,
-        signature_of(_amax_kernel, amax_meta, {"x_ptr": "*fp32", "amax_ptr": "*fp32", "amax_rows_ptr": "*fp32", "amax_cols_ptr": "*fp32"}),
-        amax_meta, num_warps=NUM_WARPS,
-    ))
+    specs.append(launched_spec("quantize_amax[rows,cols]", launch(E4M3, "row", "nearest", True), kernel=_amax_kernel))
     return specs

@@ -4,11 +4,15 @@ their pure-PyTorch twins, side by side (numerics.md sections 2 to 4).
 Every op that produces a narrow float (the cast, the fused GEMM epilogue, the
 optimizer's 16-bit master-weight update) rounds through :func:`round_to_code`
 on the GPU/interpreter and :func:`round_to_code_reference` on the reference
-backend. Both work on the fp32 bit pattern with integer operations only, so no
-hardware or compiler float conversion takes part in the rounding (the Triton
-interpreter's fp32->fp8 conversion is wrong when rounding carries into the
-exponent, and GPU ``cvt`` saturates silently). The result is the target format's
-integer code, stored through a uint8/uint16 view of the output.
+backend. Both work on the fp32 bit pattern with integer operations only (the
+Triton interpreter's fp32->fp8 conversion is wrong when rounding carries into the
+exponent). The one exception: compiled sm_90+ nearest casts use the hardware
+conversion with explicit fix-ups, :func:`round_to_code_hw` (numerics.md 3). The
+result is the target format's integer code, stored through a uint8/uint16 view.
+
+Random words (:func:`random_words_2d`, :func:`random_words_1d`, twin
+:func:`random_words_reference`): the element at offset o of a row-major view takes
+word o % 4 of Philox(seed, o // 4), so one Philox call serves 4 elements.
 
 Rounding of a finite fp32 value ``v = sig * 2**(e - 23)``:
 
@@ -104,6 +108,73 @@ def round_to_code(
     code = tl.where(mag > 0x7F800000, NAN_CODE, code)
     code = code | tl.where(bits < 0, SIGN, 0)
     return code, overflow
+
+
+@triton.jit
+def round_to_code_hw(x, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, MAX_CODE: tl.constexpr,
+                     INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr, SATURATE: tl.constexpr,
+                     MIDPOINT: tl.constexpr):
+    """Twin of ``round_to_code(x, 0, ..., STOCHASTIC=False)`` through the hardware conversion.
+
+    For compiled sm_90+ kernels only: there Triton converts fp32 straight to fp8 with
+    ``cvt.rn.satfinite`` (IEEE round to nearest even, subnormals included); on sm_89 it
+    converts through fp16 rounded toward zero (two roundings) and the interpreter's
+    conversion is wrong (numerics.md 3), so those keep :func:`round_to_code`. What the
+    conversion does differently is fixed up (numerics.md 3): it saturates silently, so
+    overflow is a compare of |x| with the midpoint above the largest finite value (a tie
+    overflows when the largest code is odd: ties go to the even neighbour); without
+    SATURATE an overflow becomes INF_CODE; Inf (which it turns into max) becomes INF_CODE
+    and NaN the NAN_CODE, both with x's sign. MIDPOINT: :func:`overflow_midpoint`.
+    """
+    SIGN: tl.constexpr = 1 << (EXP_BITS + MAN_BITS)
+    if EXP_BITS == 5:
+        code = x.to(tl.float8e5).to(tl.uint8, bitcast=True).to(tl.int32)
+    else:
+        code = x.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+    bits = x.to(tl.int32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    sign = tl.where(bits < 0, SIGN, 0)
+    if (MAX_CODE & 1) == 1:
+        overflow = (mag >= MIDPOINT) & (mag < 0x7F800000)
+    else:
+        overflow = (mag > MIDPOINT) & (mag < 0x7F800000)
+    if not SATURATE:
+        code = tl.where(overflow, INF_CODE | sign, code)
+    code = tl.where(mag == 0x7F800000, INF_CODE | sign, code)
+    code = tl.where(mag > 0x7F800000, NAN_CODE | sign, code)
+    return code, overflow
+
+
+@triton.jit
+def _interleave4(r0, r1, r2, r3, SHAPE: tl.constexpr):
+    """[..., n] words w0..w3 -> [..., 4n] with element 4 q + w taking word w of counter q."""
+    return tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), SHAPE)
+
+
+@triton.jit
+def random_words_2d(seed, offs_m, col0, K, ROWS: tl.constexpr, COLS: tl.constexpr, ALIGNED: tl.constexpr):
+    """Random words of the [ROWS, COLS] elements (offs_m, col0 + arange(COLS)) of a row-major
+    [*, K] tensor: element offset o = m * K + k takes word o % 4 of Philox(seed, o // 4)
+    (numerics.md 2). ALIGNED (K % 4 == 0, col0 % 4 == 0): one Philox call per 4 elements;
+    otherwise one per element, the same words."""
+    if ALIGNED:
+        q = col0 // 4 + tl.arange(0, COLS // 4)
+        r0, r1, r2, r3 = tl.randint4x(seed, offs_m.to(tl.int64)[:, None] * (K // 4) + q[None, :])
+        words = _interleave4(r0, r1, r2, r3, (ROWS, COLS))
+    else:
+        o = offs_m.to(tl.int64)[:, None] * K + (col0 + tl.arange(0, COLS))[None, :]
+        r0, r1, r2, r3 = tl.randint4x(seed, o // 4)
+        w = o % 4
+        words = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+    return words
+
+
+@triton.jit
+def random_words_1d(seed, start, BLOCK: tl.constexpr):
+    """Random words of the elements start .. start + BLOCK - 1 of a flat stream (start % 4 == 0):
+    element o takes word o % 4 of Philox(seed, o // 4), one call per 4 elements."""
+    r0, r1, r2, r3 = tl.randint4x(seed, start // 4 + tl.arange(0, BLOCK // 4))
+    return _interleave4(r0, r1, r2, r3, (BLOCK,))
 
 
 @triton.jit
@@ -335,6 +406,28 @@ def philox_reference(seed, offsets: torch.Tensor, n_rounds: int = 10):
         k0 = (k0 + _PHILOX_KEY_A) & _M32
         k1 = (k1 + _PHILOX_KEY_B) & _M32
     return c0, c1, c2, c3
+
+
+def overflow_midpoint(fmt: Format) -> int:
+    """fp32 bits of the midpoint between ``fmt``'s largest finite value and the next grid step
+    (464 for E4M3, 61440 for E5M2): nearest rounding overflows above it (at it too when the
+    largest code is odd, as ties go to the even neighbour)."""
+    import struct
+
+    return struct.unpack("<i", struct.pack("<f", fmt.max + 2.0 ** (fmt.emax - fmt.man_bits) / 2))[0]
+
+
+def random_words_reference(seed, numel: int, start=0, device=None) -> torch.Tensor:
+    """Twin of :func:`random_words_1d` / :func:`random_words_2d`: the words (uint32 values in
+    int64) of elements start .. start + numel - 1 of a flat stream, element o taking word
+    o % 4 of Philox(seed, o // 4). ``start`` (an int, or an int64 [] tensor that keeps a
+    compiled caller from specializing on it) must be a multiple of 4."""
+    if isinstance(start, torch.Tensor):
+        device = start.device
+    elif start % 4:
+        raise ValueError(f"random_words_reference: start must be a multiple of 4, got {start}")
+    counters = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device) + start // 4
+    return torch.stack(philox_reference(seed, counters), dim=-1).reshape(-1)[:numel]
 
 
 def seed_tensor(seed: int, device=None) -> torch.Tensor:
