@@ -40,6 +40,23 @@ def attention_flops(b: int, h: int, n_q: int, n_k: int, d: int, causal: bool, mo
     return fwd if mode == "fwd" else 3.5 * fwd
 
 
+def _reference_kernel_row(q, k, v, b, h, n, d) -> dict:
+    """The SASS report's reference attention (hardware-converted P, the shipped tiles) on fp8 q, k, v."""
+    from tritonfp8.ops import attention as at
+    from tritonfp8.ops import baseline
+
+    t = at.pick_config(d).fwd
+    q8, k8 = q.to(torch.float8_e4m3fn), k.to(torch.float8_e4m3fn)
+    vt8 = v.to(torch.float8_e4m3fn).transpose(2, 3).contiguous()
+    ms = bench(lambda: baseline.attention_fwd_hw_p(q8, k8, vt8, d ** -0.5, t.rows, t.cols, t.num_warps, t.num_stages))
+    tflops = attention_flops(b, h, n, n, d, False, "fwd") / ms / 1e9
+    row = {"op": "reference kernel attention fwd hw P (quantization excluded)", "mode": "fwd",
+           "shape": f"{b}x{h}x{n}x{d}", "causal": False, "dtype": "float8_e4m3fn", "ms": ms, "TFLOP/s": tflops}
+    if _peak("fp8"):
+        row["fraction of peak"] = tflops / _peak("fp8")
+    return row
+
+
 def _sdpa(q, k, v, causal):
     if q.is_cuda:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -94,6 +111,8 @@ def bench_attention(shapes=None, modes=("fwd", "fwd+bwd"), device: str | None = 
                 rows.append(row)
             for row in rows[-2:]:
                 row["vs baseline"] = times[baseline_name] / row["ms"]
+            if on_gpu and mode == "fwd" and not causal and d == 128:
+                rows.append(_reference_kernel_row(q, k, v, b, h, n, d))
             for row in rows[-2:]:
                 print(", ".join(f"{key}={val:.4g}" if isinstance(val, float) else f"{key}={val}" for key, val in row.items()),
                       flush=True)

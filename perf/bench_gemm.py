@@ -125,6 +125,14 @@ def measure_shape(product: str, m: int, n: int, k: int, scalings, device: str) -
     record("torch._scaled_mm fp8 row", "excluded",
            _rotating(fp8, lambda a, w: torch._scaled_mm(a, w.t(), sa, sb, out_dtype=torch.bfloat16)))
 
+    # The SASS report's reference kernel: the same persistent TMA GEMM without promotion.
+    if device == "cuda":
+        from tritonfp8.ops import baseline
+
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        record("reference kernel gemm no promotion 128x128x128", "excluded",
+               _rotating(fp8, lambda a, w: baseline.gemm_no_promotion(a, w, one, one, sms=sms)))
+
     # tf8.scaled_mm, quantization excluded (operands quantized beforehand) and included.
     for name in scalings:
         sx, sw = SCALINGS[name]

@@ -2,7 +2,8 @@
 
 On a GPU: GB/s of every cast mode of ``tf8.quantize`` (bytes read + written),
 as a fraction of HBM bandwidth, against ``x.to(torch.float8_e4m3fn)`` (a plain
-cast, no scaling, no counting) and a torch.compile'd per-tensor scaled cast.
+cast, no scaling, no counting), a torch.compile'd per-tensor scaled cast and the
+SASS report's reference kernels (``tritonfp8.ops.baseline``).
 On a CPU: the reference backend's elements per second on a small tensor.
 
     python perf/bench_quantize.py [--out perf/results/quantize_<date>] [--size 8192]
@@ -22,7 +23,10 @@ import tritonfp8 as tf8  # noqa: E402
 
 HBM_GBPS = {"H200": 4800.0, "H100": 3350.0}  # datasheet peak
 MODES = [
+    ("e4m3 none nearest", dict(fmt="e4m3")),
     ("e4m3 tensor nearest", dict(fmt="e4m3", scaling="tensor")),
+    ("e4m3 tensor nearest +T", dict(fmt="e4m3", scaling="tensor", transpose=True)),
+    ("e4m3 tensor stochastic", dict(fmt="e4m3", scaling="tensor", rounding="stochastic", seed=1)),
     ("e4m3 row nearest", dict(fmt="e4m3", scaling="row")),
     ("e4m3 1x128 nearest", dict(fmt="e4m3", scaling=(1, 128))),
     ("e4m3 1x128 nearest +T", dict(fmt="e4m3", scaling=(1, 128), transpose=True)),
@@ -73,6 +77,12 @@ def run(size: int) -> list[dict]:
             return (t.float() * scale).clamp(-448, 448).to(torch.float8_e4m3fn), amax
 
         record("baseline torch.compile tensor-scaled e4m3", lambda: compiled_cast(x))
+        # The SASS report's reference kernels (tritonfp8/ops/baseline.py): what its predictions compare with.
+        from tritonfp8.ops import baseline
+
+        record("reference kernel hw-cvt cast e4m3", lambda: baseline.hw_cast(x))
+        record("reference kernel hw-cvt cast e4m3 +T", lambda: baseline.hw_cast(x, transpose=True), True)
+        record("reference kernel philox-per-4 stochastic cast e4m3", lambda: baseline.philox4_cast(x, 1))
     return rows
 
 
