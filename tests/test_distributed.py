@@ -44,7 +44,7 @@ def _batch(step: int, overflow_rank=None):
     return x, y
 
 
-def _train(model, opt, scaler, rows, recipe, overflow_rank=None, steps=STEPS, first_step=0):
+def _train(model, opt, scaler, rows, recipe, overflow_rank=None, steps=STEPS, first_step=0, sync_amax=False):
     """Steps first_step .. first_step + steps - 1 of the schedule, on the batch rows ``rows``."""
     for step in range(first_step, first_step + steps):
         x, y = _batch(step, overflow_rank)
@@ -54,8 +54,16 @@ def _train(model, opt, scaler, rows, recipe, overflow_rank=None, steps=STEPS, fi
             loss = nn.functional.mse_loss(model(x), y)
         with tf8.training.tracking(scaler):  # the fp8 error casts report saturation to the scaler
             scaler.scale(loss).backward()
+        if sync_amax:
+            tf8.sync_amax_histories(model)
         scaler.step(opt)
         scaler.update()
+
+
+def _histories(model) -> dict:
+    """{"<parameter>[<recipe>].<role>": amax history} of the delayed roles fp8_autocast keeps for ``model``."""
+    return {f"{name}.{role}": h.clone() for name, state in tf8.autocast.layer_states(model)
+            for role, h in state.amax_history.items()}
 
 
 def _optimizer(model, case):
@@ -104,10 +112,11 @@ def _ddp_train_and_save(rank, out_dir, case):
             return
     scaler = tf8.LossScaler(case["scaler"], init_scale=case.get("init_scale", 2.0**10))
     per = BATCH // WORLD
-    _train(ddp, opt, scaler, slice(rank * per, (rank + 1) * per), case["recipe"], case.get("overflow_rank"))
+    _train(ddp, opt, scaler, slice(rank * per, (rank + 1) * per), case["recipe"], case.get("overflow_rank"),
+           sync_amax=case.get("sync_amax", False))
     torch.save({
         "params": [p.detach().clone() for p in model.parameters()],
-        "skipped": scaler.skipped_steps, "scale": scaler.get_scale(),
+        "skipped": scaler.skipped_steps, "scale": scaler.get_scale(), "histories": _histories(model),
     }, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -195,6 +204,40 @@ def test_ddp_matches_one_process_on_the_global_batch(tmp_path, recipe, optimizer
         assert diff <= tolerance, f"parameter {i}: DDP and one process differ by {diff:g} (moved {moved:g})"
 
 
+@pytest.mark.parametrize("sync", [True, False], ids=["synced", "unsynced"])
+def test_ddp_delayed_scaling_agrees_amax_histories(tmp_path, sync):
+    """Delayed scaling under DDP. With tf8.sync_amax_histories after each backward both ranks
+    hold one process's histories on the global batch (the error roles at twice its values:
+    a rank's loss is a mean over half the rows, an exact power of two that the scale absorbs;
+    equal up to the fp32 summation order of the gradients, which moves the later steps' amaxes
+    in their last bits), so the casts are one process's and the parameters after 10 steps
+    agree with it as closely as in high precision. Without it each rank records its own
+    activation amaxes."""
+    case = dict(master_dtype=torch.float32, rounding="nearest", recipe="hybrid_delayed", scaler="dynamic",
+                order="before", optimizer="sgd", sync_amax=sync)
+    results = _run(tmp_path, case)
+    _assert_replicas_identical(results)  # the all-reduced gradients keep the replicas equal either way
+    ranks = [r["histories"] for r in results]
+    assert ranks[0].keys() == ranks[1].keys() and any(k.endswith(".activation") for k in ranks[0])
+    differing = [k for k in ranks[0] if not torch.equal(ranks[0][k], ranks[1][k])]
+    if not sync:
+        assert any(k.endswith(".activation") for k in differing), "the ranks' histories agree without a sync"
+        return
+    assert not differing, differing
+    model = _model()
+    opt = _optimizer(model, case)
+    _train(model, opt, tf8.LossScaler("dynamic", init_scale=2.0**10), slice(0, BATCH), "hybrid_delayed")
+    single = _histories(model)
+    assert single.keys() == ranks[0].keys()
+    for key, h in ranks[0].items():
+        want = single[key] * 2 if key.endswith(".error") else single[key]
+        # newest first: entry STEPS - 1 is step 0's, cast before any update, so exactly one process's
+        assert want[STEPS - 1] > 0 and torch.equal(h[STEPS - 1], want[STEPS - 1]), key
+        assert torch.allclose(h, want, rtol=1e-5, atol=0), (key, ((h - want).abs() / want.clamp(min=1e-30)).max())
+    for i, (p, q) in enumerate(zip(model.parameters(), results[0]["params"])):
+        assert (p.detach() - q).abs().max().item() <= 1e-5, f"parameter {i}: DDP and one process differ"
+
+
 def test_readme_torchrun_example_runs_and_keeps_replicas_identical():
     """The README's multi-process example, run as the README says (torchrun, 2 processes)."""
     import pathlib
@@ -268,7 +311,8 @@ def _fsdp_train_and_save(rank, out_dir, case):
     opt = _fsdp_optimizer(model, case)
     scaler = tf8.LossScaler("dynamic", init_scale=2.0**10)
     steps = case.get("steps", STEPS)
-    _train(model, opt, scaler, rows, case["recipe"], case.get("overflow_rank"), steps=steps)
+    _train(model, opt, scaler, rows, case["recipe"], case.get("overflow_rank"), steps=steps,
+           sync_amax=case.get("sync_amax", False))
     if case.get("checkpoint"):
         # Save after `steps`, train on; a fresh model and optimizer loaded from the
         # checkpoint must then train to the same bits.
@@ -287,7 +331,8 @@ def _fsdp_train_and_save(rank, out_dir, case):
         scaler2.load_state_dict(scaler_sd)
         _train(model2, opt2, scaler2, rows, case["recipe"], steps=3, first_step=steps)
         result["resumed"] = _full_params(model2)
-    result.update(params=_full_params(model), skipped=scaler.skipped_steps, scale=scaler.get_scale())
+    result.update(params=_full_params(model), skipped=scaler.skipped_steps, scale=scaler.get_scale(),
+                  histories=_histories(model))
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -313,6 +358,24 @@ def test_fsdp2_trains_under_fp8_autocast_and_matches_ddp(tmp_path):
         assert (a - s.detach()).abs().max() > 1e-3, f"parameter {i} did not train"
         diff = (a - b).abs().max().item()
         assert diff <= 1e-5, f"parameter {i}: FSDP2 and DDP differ by {diff:g}"
+
+
+def test_fsdp2_delayed_scaling_agrees_amax_histories(tmp_path):
+    """hybrid_delayed under FSDP2 with tf8.sync_amax_histories: the histories of the weights
+    fp8_autocast casts (FSDP2's unsharded ones) agree bit for bit across ranks and with DDP's
+    (synced the same way) to 1e-5, and so do the parameters."""
+    fsdp = _run_fsdp(tmp_path / "fsdp", dict(recipe="hybrid_delayed", sync_amax=True))
+    ddp = _run_fsdp(tmp_path / "ddp", dict(recipe="hybrid_delayed", wrap="ddp", sync_amax=True))
+    _assert_replicas_identical(fsdp)
+    a, b = fsdp[0]["histories"], fsdp[1]["histories"]
+    assert a and a.keys() == b.keys() == {k.replace("module.", "", 1) for k in ddp[0]["histories"]}
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    d = {k.replace("module.", "", 1): v for k, v in ddp[0]["histories"].items()}
+    assert all(a[k].max() > 0 for k in a), "a history recorded nothing"
+    for k in a:
+        assert torch.allclose(a[k], d[k], rtol=1e-5, atol=0), k
+    for i, (p, q) in enumerate(zip(fsdp[0]["params"], ddp[0]["params"])):
+        assert (p - q).abs().max().item() <= 1e-5, f"parameter {i}: FSDP2 and DDP differ"
 
 
 def test_fsdp2_loss_scaler_skips_on_every_rank_when_one_shard_overflows(tmp_path):

@@ -15,13 +15,14 @@ from .ops.quantize import quantize
 from .recipe import RECIPES, Recipe, TensorRecipe, get_recipe
 from .tensor import FP8Tensor, Scaling
 from .trainer import StepReport, Trainer
-from .training import LossScaler, OverflowTracker
+from .training import LossScaler, OverflowTracker, sync_amax_histories
 
 __version__ = "0.1.0"
 
 __all__ = [
     "E4M3", "E5M2", "E8M0", "Format", "FP8Tensor", "Scaling",
     "quantize", "scaled_mm", "nn", "fp8_autocast", "convert",
-    "Recipe", "TensorRecipe", "RECIPES", "get_recipe", "optim", "LossScaler", "OverflowTracker", "Trainer", "StepReport",
+    "Recipe", "TensorRecipe", "RECIPES", "get_recipe", "optim", "LossScaler", "OverflowTracker", "sync_amax_histories",
+    "Trainer", "StepReport",
     "set_backend", "get_backend", "use_backend", "__version__",
 ]

@@ -4,8 +4,9 @@ Replicas stay identical only if every rank takes the same decisions: the loss sc
 skip / back-off (its overflow flags are per rank: a saturated error cast is seen by the
 rank whose batch produced it), the adaptive scaler's per-layer factors (computed from
 each rank's own errors, but gradients scaled by them are summed across ranks), and the
-optimizers' default seed (drawn from each rank's RNG). Each decision costs one small
-collective on the process group, issued by every rank at the same point of its step.
+optimizers' default seed (drawn from each rank's RNG), and delayed scaling's amax
+histories (each rank casts its own batch). Each decision costs one small collective on
+the process group, issued by every rank at the same point of its step.
 """
 from __future__ import annotations
 
@@ -46,16 +47,25 @@ def agree_any(flag: bool, group) -> bool:
     return bool(t.item())
 
 
-def agree_min_(t: torch.Tensor, group) -> torch.Tensor:
-    """Replace the values of ``t`` by their minimum over the ranks of ``group``, in place."""
+def _agree_(t: torch.Tensor, group, op) -> torch.Tensor:
     if group is None:
         return t
     device = _device(group)
     buf = t if t.device == device else t.to(device)
-    dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(buf, op=op, group=group)
     if buf is not t:
         t.copy_(buf)
     return t
+
+
+def agree_min_(t: torch.Tensor, group) -> torch.Tensor:
+    """Replace the values of ``t`` by their minimum over the ranks of ``group``, in place."""
+    return _agree_(t, group, dist.ReduceOp.MIN if dist is not None else None)
+
+
+def agree_max_(t: torch.Tensor, group) -> torch.Tensor:
+    """Replace the values of ``t`` by their maximum over the ranks of ``group``, in place."""
+    return _agree_(t, group, dist.ReduceOp.MAX if dist is not None else None)
 
 
 def broadcast_int(value: int, group, src_rank: int = 0) -> int:

@@ -677,6 +677,41 @@ class fp8_autocast(contextlib.ContextDecorator):
         return "\n".join(lines)
 
 
+def _fsdp_unsharded(model: nn.Module) -> dict:
+    """{id(sharded parameter): unsharded parameter} of the FSDP2 (``fully_shard``) modules of
+    ``model``. A region casts the weight FSDP2 all-gathered, so that weight keys its state.
+    Read through torch's private FSDPParam objects; empty before the first all-gather or
+    where they are not available."""
+    out = {}
+    for module in model.modules():
+        get_state = getattr(module, "_get_fsdp_state", None)
+        if get_state is None:
+            continue
+        try:
+            group = get_state()._fsdp_param_group
+            fsdp_params = group.fsdp_params if group is not None else []
+        except AttributeError:
+            continue
+        for fsdp_param in fsdp_params:
+            unsharded = getattr(fsdp_param, "_unsharded_param", None)
+            if unsharded is not None:
+                out[id(fsdp_param.sharded_param)] = unsharded
+    return out
+
+
+def layer_states(model: nn.Module) -> list:
+    """("<parameter name>[<recipe>]", :class:`LayerState`) of every fp8 state that fp8_autocast
+    keeps for ``model``'s weights (FSDP2's unsharded weights for sharded ones), in parameter
+    order and by recipe name: the same list on every rank of a data-parallel run."""
+    unsharded = _fsdp_unsharded(model)
+    out = []
+    for name, p in model.named_parameters():
+        weight = unsharded.get(id(p), p)
+        for recipe_name, state in sorted(_STATES.get(id(weight), {}).items()):
+            out.append((f"{name}[{recipe_name}]", state))
+    return out
+
+
 def _prefixes(key: str):
     """"a.b.c" -> "a.b", "a" (the candidate parameter names of a state key, longest first)."""
     parts = key.split(".")

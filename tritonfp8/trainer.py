@@ -12,7 +12,8 @@ One :meth:`Trainer.step` does: zero the gradients; the forward pass inside
 ``fp8_autocast(recipe)`` (and ``torch.autocast`` when ``amp_dtype`` is given); the
 loss; the scaled backward inside ``tracking(scaler)`` (the fp8 linears' error casts
 feed the scaler's overflow flag) and inside :func:`collecting` (they also count the
-error values that underflowed to zero or saturated); the optional unscale + gradient
+error values that underflowed to zero or saturated); under torch.distributed, the
+ranks' delayed-scaling amax histories agreed (:func:`sync_amax_histories`); the optional unscale + gradient
 clipping; the scaler's overflow check, which skips the optimizer step or takes it;
 the scaler's update. It returns a :class:`StepReport`.
 
@@ -41,7 +42,7 @@ from .autocast import fp8_autocast
 from .nn.modules import fp8_state_dict, load_fp8_state_dict
 from .ops.rounding import nonzero_and_flushed
 from .tensor import FP8Tensor
-from .training import LossScaler, OverflowTracker, tracking
+from .training import LossScaler, OverflowTracker, sync_amax_histories, tracking
 
 __all__ = ["Trainer", "StepReport", "ErrorCastStats", "collecting", "current_error_stats"]
 
@@ -237,6 +238,7 @@ class Trainer:
                 stack.enter_context(collecting(self.stats))
             output, loss = self.forward(inputs, target)
             (scaler.scale(loss) if scaling else loss).backward()
+        sync_amax_histories(self.model)  # data-parallel ranks agree their delayed-scaling amaxes (alone: nothing)
         if self.max_grad_norm is not None:
             if scaling:
                 scaler.unscale_(self.optimizer)

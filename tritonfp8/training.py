@@ -55,7 +55,7 @@ from ._active import OVERFLOW_TRACKERS, DeviceCounters
 from .formats import get_format
 from .tensor import FP8Tensor
 
-__all__ = ["LossScaler", "OverflowTracker", "tracking", "current_tracker", "MODES"]
+__all__ = ["LossScaler", "OverflowTracker", "tracking", "current_tracker", "MODES", "sync_amax_histories"]
 
 MODES = ("static", "dynamic", "enhanced", "adaptive")
 
@@ -686,3 +686,44 @@ class LossScaler:
         self._scale = _f32(state_dict["scale"])
         self._per_optimizer.clear()
         self.tracker.reset()
+
+
+def sync_amax_histories(model: torch.nn.Module, group=None) -> int:
+    """Make every delayed-scaling amax history of ``model``'s fp8 layers its maximum over the
+    ranks of ``group`` (default: the default process group), in one all-reduce; returns how
+    many histories were agreed (0 when this process runs alone).
+
+    Data-parallel ranks cast different batches, so each rank records its own amaxes: left
+    alone, their delayed scales drift apart, and away from one process trained on the whole
+    batch, whose amax is the maximum of the ranks' amaxes. Call it once per step on every
+    rank, after the backward and before the next forward (torchao's
+    ``sync_float8_amax_and_scale_history`` does this job); :class:`tritonfp8.Trainer` does.
+    The whole histories are reduced, so several casts per step (gradient accumulation) are
+    agreed too. Covers tf8.nn modules and the weights fp8_autocast casts (FSDP2 shards
+    included), under DDP and FSDP2 alike.
+    """
+    from .autocast import layer_states
+    from .nn.modules import fp8_layer_states
+
+    group = _distributed.resolve_group(group)
+    if group is None:
+        return 0
+    states, seen = [], set()
+    for _, state in fp8_layer_states(model) + layer_states(model):
+        if id(state) not in seen:  # a tied weight's state once
+            seen.add(id(state))
+            states.append(state)
+    histories = [h for state in states for _, h in sorted(state.amax_history.items())]
+    numel = sum(h.numel() for h in histories)
+    bounds = _distributed.agree_max_(torch.tensor([numel, -numel], dtype=torch.int64), group)
+    if int(bounds[0]) != -int(bounds[1]):
+        raise RuntimeError(
+            f"sync_amax_histories: the ranks hold different delayed-scaling histories ({-int(bounds[1])} to "
+            f"{int(bounds[0])} values): every rank must run the same model under the same recipes")
+    if not histories:
+        return 0
+    flat = torch.cat([h.reshape(-1).to(torch.float32) for h in histories])
+    _distributed.agree_max_(flat, group)
+    for h, part in zip(histories, flat.split([h.numel() for h in histories])):
+        h.copy_(part.reshape(h.shape).to(h.device))
+    return len(histories)

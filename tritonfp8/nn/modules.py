@@ -46,6 +46,11 @@ def _fp8_modules(model: nn.Module):
     return ((name, m) for name, m in model.named_modules() if isinstance(m, _FP8StateMixin))
 
 
+def fp8_layer_states(model: nn.Module) -> list:
+    """(module name, :class:`LayerState`) of every tf8.nn module in ``model``, in module order."""
+    return [(name, m.fp8_state) for name, m in _fp8_modules(model)]
+
+
 def fp8_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The fp8 state of every tf8.nn module in ``model``: ``{"<module>.fp8_state.<key>": tensor}``
     (keys of :meth:`LayerState.state_dict`; tensors only, so safetensors stores it). Save it
