@@ -534,44 +534,41 @@ def markdown(rep: dict) -> str:
     def fmt_parts(r, key):
         return " + ".join(str(p.get(key)) for p in r["parts"])
 
-    memory = [r for r in rows if r["family"] in ("cast", "optimizer")]
-    if memory:
-        lines += ["## Casts and optimizer (memory-bound; per input element)", "",
-                  "| kernel | target | registers | spills | shared | CTAs/SM | instr/elt | BAR.SYNC + SHFL per iteration "
-                  "| bytes/elt | bound | predicted % of HBM | vs reference | goal |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in memory:
+    def table(title, columns, chosen, cells):
+        """A markdown table of ``chosen`` rows; a row that failed to compile says so."""
+        if not chosen:
+            return
+        lines.extend([title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)])
+        for r in chosen:
             if not r.get("ok"):
-                lines.append(f"| {r['name']} | {r['target']} | FAILED: {r['error']} |" + " |" * 10)
-                continue
-            t = r["total"]
-            sync = " + ".join(f"{p['loop_mix']['bar_sync']}+{p['loop_mix']['shfl']}" for p in r["parts"])
-            lines.append(
-                f"| {r['name']} | {r['target']} | {fmt_parts(r, 'registers')} | {fmt_parts(r, 'spill_bytes')} | "
-                f"{fmt_parts(r, 'shared_bytes')} | {fmt_parts(r, 'ctas_per_sm')} | "
-                f"{t['instructions_per_element']} ({fmt_parts(r, 'instructions_per_element')}) | {sync} | "
-                f"{t['bytes_per_element']} | {t['bound']} | {100 * t['fraction_of_hbm']:.0f}% | "
-                f"{_fmt_ratio(r)} | {_fmt_check(r)} |")
+                lines.append(f"| {r['name']} | {r['target']} | FAILED: {r['error']} |" + " |" * (len(columns) - 3))
+            else:
+                lines.append("| " + " | ".join(str(c) for c in [r["name"], r["target"], *cells(r)]) + " |")
         lines.append("")
-    mma = [r for r in rows if r["family"] in ("gemm", "attention")]
-    if mma:
-        lines += ["## GEMM and attention (per K-step / per key block of one CTA)", "",
-                  "| kernel | target | registers | spills | shared | CTAs/SM | MMA | wait depth | TMA | "
-                  "non-MMA instr/iteration | BAR.SYNC | non-MMA per score | predicted TFLOP/s | vs reference | goal |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in mma:
-            if not r.get("ok"):
-                lines.append(f"| {r['name']} | {r['target']} | FAILED: {r['error']} |" + " |" * 12)
-                continue
-            p = r["parts"][0]
-            mmas = ", ".join(f"`{o}`" for o in p["mma_instructions"]) or "-"
-            lines.append(
-                f"| {r['name']} | {r['target']} | {p['registers']} | {p['spill_bytes']} | {p['shared_bytes']} | "
-                f"{p['ctas_per_sm']} | {mmas} | {p['wait_depth']} | {'yes' if p['tma'] else 'no'} | "
-                f"{p['loop_mix']['total'] - p['loop_mix']['mma']} | {p['loop_mix']['bar_sync']} | "
-                f"{p.get('non_mma_per_score', '-')} | {p.get('predicted_tflops', '-')} | {_fmt_ratio(r)} | "
-                f"{_fmt_check(r)} |")
-        lines.append("")
+
+    def memory_cells(r):
+        t = r["total"]
+        sync = " + ".join(f"{p['loop_mix']['bar_sync']}+{p['loop_mix']['shfl']}" for p in r["parts"])
+        return [fmt_parts(r, "registers"), fmt_parts(r, "spill_bytes"), fmt_parts(r, "shared_bytes"),
+                fmt_parts(r, "ctas_per_sm"), f"{t['instructions_per_element']} ({fmt_parts(r, 'instructions_per_element')})",
+                sync, t["bytes_per_element"], t["bound"], f"{100 * t['fraction_of_hbm']:.0f}%", _fmt_ratio(r),
+                _fmt_check(r)]
+
+    def mma_cells(r):
+        p = r["parts"][0]
+        return [p["registers"], p["spill_bytes"], p["shared_bytes"], p["ctas_per_sm"],
+                ", ".join(f"`{o}`" for o in p["mma_instructions"]) or "-", p["wait_depth"],
+                "yes" if p["tma"] else "no", p["loop_mix"]["total"] - p["loop_mix"]["mma"], p["loop_mix"]["bar_sync"],
+                p.get("non_mma_per_score", "-"), p.get("predicted_tflops", "-"), _fmt_ratio(r), _fmt_check(r)]
+
+    table("## Casts and optimizer (memory-bound; per input element)",
+          ["kernel", "target", "registers", "spills", "shared", "CTAs/SM", "instr/elt", "BAR.SYNC + SHFL per iteration",
+           "bytes/elt", "bound", "predicted % of HBM", "vs reference", "goal"],
+          [r for r in rows if r["family"] in ("cast", "optimizer")], memory_cells)
+    table("## GEMM and attention (per K-step / per key block of one CTA)",
+          ["kernel", "target", "registers", "spills", "shared", "CTAs/SM", "MMA", "wait depth", "TMA",
+           "non-MMA instr/iteration", "BAR.SYNC", "non-MMA per score", "predicted TFLOP/s", "vs reference", "goal"],
+          [r for r in rows if r["family"] in ("gemm", "attention")], mma_cells)
     checks = [r for r in rows if r.get("check")]
     lines += ["## Goals (issue 11, on sm_90)", "",
               f"- No spills in any shipped configuration on sm_90: "
