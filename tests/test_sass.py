@@ -152,6 +152,25 @@ def test_cast_rows(report):
     assert sr["check"]["value"] == pytest.approx(sr["parts"][0]["instructions_per_element"], abs=0.01)
 
 
+def _count(part, prefix):
+    return sum(n for op, n in part["loop_opcodes"].items() if op.startswith(prefix))
+
+
+def test_the_kernels_compiled_code_has_the_expected_instructions(report):
+    """What issue 11's kernel changes put into the sm_90 machine code: nearest casts and
+    attention's P through the hardware conversion (F2FP.SATFINITE), stochastic casts on the
+    integer path with one Philox call per 4 elements (Philox4x32-10: 10 rounds of 2 high
+    products per call, so about 5 IMAD.HI per element; one call per element would be 20)."""
+    rows = report[0]["rows"]
+    nearest = _row(rows, "cast e4m3 tensor nearest bf16")["parts"][1]
+    stochastic = _row(rows, "cast e4m3 none stochastic bf16")["parts"][0]
+    attention = _row(rows, "attention_fwd[D=128,bf16]")["parts"][0]
+    assert _count(nearest, "F2FP.SATFINITE.E4M3") > 0 and _count(nearest, "IMAD.HI") == 0
+    assert _count(stochastic, "F2FP") == 0
+    assert _count(stochastic, "IMAD.HI") / stochastic["per_thread"] <= 6
+    assert _count(attention, "F2FP.SATFINITE.E4M3") > 0
+
+
 def test_gemm_and_attention_rows(report):
     rows = report[0]["rows"]
     gemm = _row(rows, "scaled_mm[tma 64x128x128")
