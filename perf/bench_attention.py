@@ -109,11 +109,12 @@ def bench_attention(shapes=None, modes=("fwd", "fwd+bwd"), device: str | None = 
                 if peak:
                     row["fraction of peak"] = tflops / peak
                 rows.append(row)
-            for row in rows[-2:]:
-                row["vs baseline"] = times[baseline_name] / row["ms"]
             if on_gpu and mode == "fwd" and not causal and d == 128:
                 rows.append(_reference_kernel_row(q, k, v, b, h, n, d))
-            for row in rows[-2:]:
+            new = rows[-3:] if rows[-1]["op"].startswith("reference kernel") else rows[-2:]
+            for row in new:
+                if row["op"] in times:
+                    row["vs baseline"] = times[baseline_name] / row["ms"]
                 print(", ".join(f"{key}={val:.4g}" if isinstance(val, float) else f"{key}={val}" for key, val in row.items()),
                       flush=True)
     return rows

@@ -601,10 +601,13 @@ def test_traces_with_torch_compile_fullgraph():
 
 def test_aot_specs_cover_head_dims_masks_and_kernels():
     specs = attn.aot_specs()
-    assert len(specs) <= 12 and len({s.name for s in specs}) == len(specs)
+    assert len(specs) <= 20 and len({s.name for s in specs}) == len(specs)
     for kind in ("fwd", "dkdv"):
-        assert {(s.constexprs["HEAD_DIM"], s.constexprs["CAUSAL"]) for s in specs if s.name.startswith(f"attention_{kind}[")} \
-            == {(64, False), (64, True), (128, False), (128, True)}
+        # each in both roundings of P: the hardware conversion (sm_90+) and the integer one (what sm_89 runs)
+        assert {(s.constexprs["HEAD_DIM"], s.constexprs["CAUSAL"], s.constexprs["HW_P"], s.targets)
+                for s in specs if s.name.startswith(f"attention_{kind}[")} \
+            == {(d, c, hw, (90, 100) if hw else (89, 90, 100)) for d in (64, 128) for c in (False, True)
+                for hw in (False, True)}
     assert any(s.name.startswith("attention_dq[") for s in specs)
     assert {s.name.split("[")[0] for s in specs if s.constexprs.get("HAS_MASK")} == \
         {"attention_fwd", "attention_dkdv", "attention_dq"}

@@ -238,6 +238,34 @@ def test_ddp_delayed_scaling_agrees_amax_histories(tmp_path, sync):
         assert (p.detach() - q).abs().max().item() <= 1e-5, f"parameter {i}: DDP and one process differ"
 
 
+def _mismatched_histories(rank, out_dir):
+    """Rank 1 runs a model with one more fp8 layer: the sync must refuse on both ranks."""
+    torch.manual_seed(0)
+    layers = [nn.Linear(IN, HIDDEN), nn.GELU(), nn.Linear(HIDDEN, OUT)]
+    if rank == 1:
+        layers[1:1] = [nn.GELU(), nn.Linear(HIDDEN, HIDDEN)]
+    model = nn.Sequential(*layers)
+    with tf8.fp8_autocast("hybrid_delayed"):
+        model(torch.randn(4, IN)).sum().backward()
+    try:
+        tf8.sync_amax_histories(model)
+        outcome = "synced"
+    except RuntimeError as e:
+        outcome = str(e)
+    torch.save(outcome, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _mismatch_worker(rank, init_file, out_dir):
+    _in_group(rank, init_file, _mismatched_histories, rank, out_dir)
+
+
+def test_sync_amax_histories_refuses_ranks_with_different_histories(tmp_path):
+    mp.spawn(_mismatch_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    for r in range(WORLD):
+        outcome = torch.load(tmp_path / f"rank{r}.pt")
+        assert "different delayed-scaling histories" in outcome, outcome
+
+
 def test_readme_torchrun_example_runs_and_keeps_replicas_identical():
     """The README's multi-process example, run as the README says (torchrun, 2 processes)."""
     import pathlib

@@ -50,6 +50,19 @@ def test_loops_and_the_steady_state_loop():
     assert sass.steady_state_loop(code, sass._STORE) == (0x20, 0xC0)
 
 
+def test_main_path_of_a_kernel_without_loops_stops_at_its_exit():
+    code = sass.parse_sass("""
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/               @P0 EXIT ;
+        /*0020*/                   FADD R2, R2, R3 ;
+        /*0030*/                   EXIT ;
+        /*0040*/                   MUFU.RCP R4, R5 ;
+        /*0050*/                   RET.REL.NODEC R2 0x0 ;
+        /*0060*/                   BRA 0x60;
+""")
+    assert [i.address for i in sass.main_path(code)] == [0x00, 0x10, 0x20, 0x30]
+
+
 def test_mix_wait_depth_and_mma_flops():
     code = sass.parse_sass(_CODE)
     body = [i for i in code if 0x40 <= i.address <= 0x80]
@@ -96,8 +109,9 @@ def test_memory_model_is_the_smaller_of_issue_and_bandwidth():
     assert slow["bound"] == "issue" and slow["fraction_of_hbm"] == 0.5
 
 
-_FILTER = "cast e4m3 tensor nearest bf16,cast e4m3 none stochastic bf16,tma 64x128x128/g8/w4/s4 e4m3xe4m3 a:tensor," \
-          "attention_fwd[D=128,bf16],optimizer adamw_bf16_bf16_sr"
+_FILTER = "|".join(["cast e4m3 tensor nearest bf16", "cast e4m3 none stochastic bf16",
+                    "tma 64x128x128/g8/w4/s4 e4m3xe4m3 a:tensor", "attention_fwd[D=128,bf16,",
+                    "optimizer adamw_bf16_bf16_sr"])
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +134,7 @@ def _row(rows, name, target="sm_90"):
 def test_report_compiles_the_chosen_rows_and_their_references(report):
     rep, md = report
     names = {r["name"] for r in rep["rows"]}
+    assert len(names) == 9, sorted(names)  # the 5 chosen rows and their 4 references (the optimizer has none)
     for ref in ("ref hw cast e4m3 bf16", "ref philox4 cast e4m3 bf16", "ref gemm no promotion 64x128x128/g8/w4/s4",
                 "ref attention fwd hw P D=128"):
         assert ref in names, ref
@@ -164,7 +179,7 @@ def test_the_kernels_compiled_code_has_the_expected_instructions(report):
     rows = report[0]["rows"]
     nearest = _row(rows, "cast e4m3 tensor nearest bf16")["parts"][1]
     stochastic = _row(rows, "cast e4m3 none stochastic bf16")["parts"][0]
-    attention = _row(rows, "attention_fwd[D=128,bf16]")["parts"][0]
+    attention = _row(rows, "attention_fwd[D=128,bf16,hwP]")["parts"][0]
     assert _count(nearest, "F2FP.SATFINITE.E4M3") > 0 and _count(nearest, "IMAD.HI") == 0
     assert _count(stochastic, "F2FP") == 0
     assert _count(stochastic, "IMAD.HI") / stochastic["per_thread"] <= 6
@@ -187,7 +202,7 @@ def test_gemm_and_attention_rows(report):
     assert ref["parts"][0]["wait_depth"] >= 1
     assert gemm["ratio_to_reference"] == pytest.approx(
         gemm["parts"][0]["predicted_tflops"] / ref["parts"][0]["predicted_tflops"], abs=0.01)
-    attn = _row(rows, "attention_fwd[D=128,bf16]")
+    attn = _row(rows, "attention_fwd[D=128,bf16,hwP]")
     aref = _row(rows, "ref attention fwd hw P D=128")
     assert attn["check"]["goal"] == "non_mma_ratio<=2"
     assert attn["ratio_to_reference"] == pytest.approx(

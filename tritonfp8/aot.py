@@ -25,10 +25,10 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from .ops.spec import KernelSpec, build, resource_usage
+from .ops.spec import GPU_TARGETS, KernelSpec, build, resource_usage
 
 KERNEL_MODULES = ("tritonfp8.ops.quantize", "tritonfp8.ops.matmul", "tritonfp8.ops.attention", "tritonfp8.ops.optim")
-TARGETS = (89, 90, 100)
+TARGETS = GPU_TARGETS
 # The fp8 MMA instruction that each target's PTX must contain.
 FP8_MMA = {
     89: re.compile(r"mma\.sync\.aligned\.m16n8k32\S*\.e[45]m[23]\.e[45]m[23]"),
@@ -74,7 +74,7 @@ def all_specs(modules=KERNEL_MODULES) -> list[tuple[str, int]]:
 def _job(args) -> list[dict]:
     mod_name, index, targets = args
     spec = importlib.import_module(mod_name).aot_specs()[index]
-    return [dict(compile_spec(spec, cc), module=mod_name) for cc in targets]
+    return [dict(compile_spec(spec, cc), module=mod_name) for cc in targets if cc in spec.targets]
 
 
 def run(modules=KERNEL_MODULES, targets=TARGETS, jobs: int = 2, name_filter: str = "") -> list[dict]:
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sass-report", metavar="DIR",
                         help="write sass_report.json and sass_report.md into DIR (tritonfp8.sass): every kernel "
                              "as the JIT compiles it for sm_90 (products and attention also sm_100), beside "
-                             "the reference kernels, with a roofline prediction; --filter selects rows (comma-separated "
+                             "the reference kernels, with a roofline prediction; --filter selects rows ('|'-separated "
                              "name parts)")
     args = parser.parse_args(argv)
     if args.sass_report:

@@ -238,7 +238,8 @@ class Trainer:
                 stack.enter_context(collecting(self.stats))
             output, loss = self.forward(inputs, target)
             (scaler.scale(loss) if scaling else loss).backward()
-        sync_amax_histories(self.model)  # data-parallel ranks agree their delayed-scaling amaxes (alone: nothing)
+        # data-parallel ranks agree their delayed-scaling amaxes over the scaler's group (alone, or none: nothing)
+        sync_amax_histories(self.model, scaler.process_group if scaler is not None else None)
         if self.max_grad_norm is not None:
             if scaling:
                 scaler.unscale_(self.optimizer)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 import struct
+import zlib
 from typing import Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
@@ -490,6 +491,11 @@ class LossScaler:
         """Record a quantized gradient's saturation / non-finite amax (see :class:`OverflowTracker`)."""
         self.tracker.record(q)
 
+    @property
+    def process_group(self):
+        """The ``process_group`` given (None: the default group; False: each rank decides alone)."""
+        return self._process_group
+
     def _group(self):
         """The process group whose ranks agree on this scaler's decisions, or None (alone)."""
         return _distributed.resolve_group(self._process_group)
@@ -690,17 +696,21 @@ class LossScaler:
 
 def sync_amax_histories(model: torch.nn.Module, group=None) -> int:
     """Make every delayed-scaling amax history of ``model``'s fp8 layers its maximum over the
-    ranks of ``group`` (default: the default process group), in one all-reduce; returns how
-    many histories were agreed (0 when this process runs alone).
+    ranks of ``group`` (default: the default process group; ``False``: none); returns how many
+    histories were agreed (0 when this process runs alone or the model has none).
 
     Data-parallel ranks cast different batches, so each rank records its own amaxes: left
     alone, their delayed scales drift apart, and away from one process trained on the whole
     batch, whose amax is the maximum of the ranks' amaxes. Call it once per step on every
     rank, after the backward and before the next forward (torchao's
-    ``sync_float8_amax_and_scale_history`` does this job); :class:`tritonfp8.Trainer` does.
-    The whole histories are reduced, so several casts per step (gradient accumulation) are
-    agreed too. Covers tf8.nn modules and the weights fp8_autocast casts (FSDP2 shards
-    included), under DDP and FSDP2 alike.
+    ``sync_float8_amax_and_scale_history`` does this job); :class:`tritonfp8.Trainer` does,
+    over its loss scaler's process group. The whole histories are reduced, so several casts
+    per step (gradient accumulation) are agreed too. Covers tf8.nn modules and the weights
+    fp8_autocast casts (FSDP2 shards included), under DDP and FSDP2 alike.
+
+    Two all-reduces: one that checks that every rank holds the same histories (names and
+    sizes; a mismatch raises on every rank), then the histories. A model without delayed
+    roles issues none, so every rank must run the same recipes.
     """
     from .autocast import layer_states
     from .nn.modules import fp8_layer_states
@@ -708,20 +718,22 @@ def sync_amax_histories(model: torch.nn.Module, group=None) -> int:
     group = _distributed.resolve_group(group)
     if group is None:
         return 0
-    states, seen = [], set()
-    for _, state in fp8_layer_states(model) + layer_states(model):
+    named, seen = [], set()
+    for name, state in fp8_layer_states(model) + layer_states(model):
         if id(state) not in seen:  # a tied weight's state once
             seen.add(id(state))
-            states.append(state)
-    histories = [h for state in states for _, h in sorted(state.amax_history.items())]
-    numel = sum(h.numel() for h in histories)
-    bounds = _distributed.agree_max_(torch.tensor([numel, -numel], dtype=torch.int64), group)
-    if int(bounds[0]) != -int(bounds[1]):
-        raise RuntimeError(
-            f"sync_amax_histories: the ranks hold different delayed-scaling histories ({-int(bounds[1])} to "
-            f"{int(bounds[0])} values): every rank must run the same model under the same recipes")
-    if not histories:
+            named += [(f"{name}.{role}", h) for role, h in sorted(state.amax_history.items())]
+    if not named:
         return 0
+    layout = zlib.crc32(";".join(f"{n}:{h.numel()}" for n, h in named).encode())
+    numel = sum(h.numel() for _, h in named)
+    check = torch.tensor([numel, -numel, layout, -layout], dtype=torch.int64)
+    _distributed.agree_max_(check, group)
+    if int(check[0]) != -int(check[1]) or int(check[2]) != -int(check[3]):
+        raise RuntimeError(
+            "sync_amax_histories: the ranks hold different delayed-scaling histories (layers, roles or lengths): "
+            "every rank must run the same model under the same recipes")
+    histories = [h for _, h in named]
     flat = torch.cat([h.reshape(-1).to(torch.float32) for h in histories])
     _distributed.agree_max_(flat, group)
     for h, part in zip(histories, flat.split([h.numel() for h in histories])):

@@ -106,7 +106,7 @@ from .._autograd import refuse_double_backward
 from ..formats import BF16, E4M3, E5M2, INPUT_DTYPES
 from .quantize import hardware_nearest, quantize
 from .rounding import codes_to_tensor, round_to_code, round_to_code_reference
-from .spec import KernelSpec
+from .spec import GPU_TARGETS, KernelSpec
 
 __all__ = [
     "attention", "attention_reference", "attention_fwd_reference", "attention_bwd_reference",
@@ -1049,7 +1049,9 @@ _FP32_ARGS = ("sm_scale_log2", "sm_scale")
 _MASK_ARGS = ("mask_ptr", "H", "stride_mb", "stride_mh", "stride_mq", "stride_mk")
 
 
-def _aot_spec(kind: str, head_dim: int, causal: bool, out: str = "bf16", masked: bool = False):
+def _aot_spec(kind: str, head_dim: int, causal: bool, out: str = "bf16", masked: bool = False, hw_p: bool = True):
+    """One kernel as the launchers build it; ``hw_p``: P through the hardware conversion, as on
+    sm_90+ (hardware_nearest); False: the integer rounding that sm_89 runs."""
     cfg = _GPU_CONFIGS[max(64, block_d(head_dim))]
     bd = block_d(head_dim)
     types = {"q_ptr": "*fp8e4nv", "k_ptr": "*fp8e4nv", "v_ptr": "*fp8e4nv", "vt_ptr": "*fp8e4nv",
@@ -1060,13 +1062,13 @@ def _aot_spec(kind: str, head_dim: int, causal: bool, out: str = "bf16", masked:
         kernel = _attn_fwd_kernel
         t = cfg.fwd
         meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=t.rows, BLOCK_N=t.cols, CAUSAL=causal, HAS_MASK=masked,
-                    INTERPRET=False, HW_P=True)
+                    INTERPRET=False, HW_P=hw_p)
         unit = ("stride_qd", "stride_kd", "stride_vn", "stride_od")  # V is read through its transposed copy
     elif kind == "dkdv":
         kernel = _attn_bwd_dkdv_kernel
         t = cfg.dkdv
         meta = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_N1=t.rows, BLOCK_M1=t.cols, CAUSAL=causal, HAS_MASK=masked,
-                    INTERPRET=False, HW_P=True)
+                    INTERPRET=False, HW_P=hw_p)
         unit = _UNIT_STRIDES
     elif kind == "dq":
         kernel = _attn_bwd_dq_kernel
@@ -1094,17 +1096,21 @@ def _aot_spec(kind: str, head_dim: int, causal: bool, out: str = "bf16", masked:
     # (multiples of D >= 16, or of the padded N of the transposed copies); sizes stay unaligned.
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
              if signature[name].startswith("*") or (name.startswith("stride_") and signature[name] == "i32")}
-    name = f"attention_{kind}[D={head_dim}{',causal' if causal else ''}{',mask' if masked else ''},{out}]"
+    rounds_p = kind in ("fwd", "dkdv")
+    name = (f"attention_{kind}[D={head_dim}{',causal' if causal else ''}{',mask' if masked else ''},{out}"
+            f"{',hwP' if rounds_p and hw_p else ''}]")
     return KernelSpec(name=name, kernel=kernel, signature=signature, constexprs=meta, num_warps=t.num_warps,
-                      num_stages=t.num_stages, fp8_mma=kind != "preprocess", extra={"attrs": attrs})
+                      num_stages=t.num_stages, fp8_mma=kind != "preprocess", extra={"attrs": attrs},
+                      targets=(90, 100) if rounds_p and hw_p else GPU_TARGETS)
 
 
 def aot_specs() -> list:
     """Forward for D in (64, 128) x causal; dK/dV likewise; dQ and the preprocess once per D / mode.
     The non-causal D = 128 kernels are the masked ones (attn_mask; D = 64 covers no mask)."""
-    specs = [_aot_spec("fwd", d, c, out, masked=(d, c) == (128, False)) for d, c, out in
-             [(64, False, "bf16"), (64, True, "fp16"), (128, False, "fp32"), (128, True, "bf16")]]
-    specs += [_aot_spec("dkdv", d, c, masked=(d, c) == (128, False)) for d in (64, 128) for c in (False, True)]
+    specs = [_aot_spec("fwd", d, c, out, masked=(d, c) == (128, False), hw_p=hw) for d, c, out in
+             [(64, False, "bf16"), (64, True, "fp16"), (128, False, "fp32"), (128, True, "bf16")] for hw in (False, True)]
+    specs += [_aot_spec("dkdv", d, c, masked=(d, c) == (128, False), hw_p=hw)
+              for d in (64, 128) for c in (False, True) for hw in (False, True)]
     specs += [_aot_spec("dq", 64, True), _aot_spec("dq", 128, False, masked=True)]
     specs.append(_aot_spec("preprocess", 128, False))
     return specs

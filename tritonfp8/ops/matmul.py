@@ -391,10 +391,11 @@ def keep(config: GemmConfig, m: int, n: int, k: int) -> bool:
     work. A problem of 2048 x 2048 outputs or more fills every SM with large tiles, so
     only the largest and the half-size ones are tried there: the promoted accumulation
     waits for every wgmma (wait depth 0 in the SASS report), and two 64 x 128 CTAs per
-    SM let one CTA's MMAs run while the other promotes (predicted 1979 against 1293
-    TFLOP/s for 128 x 128, ``python -m tritonfp8.aot --sass-report``; the autotuner
-    measures which wins). :func:`pick_config` falls back to the smallest tile when
-    nothing is kept.
+    SM can keep the tensor cores busy while the other promotes: the report's model
+    (``python -m tritonfp8.aot --sass-report``, which ignores memory and wait latency)
+    puts them at its ceiling, the fp8 peak, against 64% of it for one 128 x 128 CTA. The
+    autotuner measures which wins. :func:`pick_config` falls back to the smallest tile
+    when nothing is kept.
     """
     if config.block_m > max(64, bucket(m)) or config.block_n > max(64, bucket(n)):
         return False

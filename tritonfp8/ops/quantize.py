@@ -45,6 +45,7 @@ from .rounding import (
     round_to_code_reference,
     seed_tensor,
 )
+from .spec import capturing
 
 
 # How a head (the normal output, or the transposed copy) finds its scale, in the
@@ -368,10 +369,13 @@ def hardware_nearest(device) -> bool:
     device = torch.device(device)
     if device.type == "meta":
         return True
-    if device.type != "cuda" or _backend.triton_interprets() or torch.cuda.get_device_capability(device) < (9, 0):
-        return False
+    if (device.type != "cuda" or torch.version.hip is not None or _backend.triton_interprets()
+            or torch.cuda.get_device_capability(device) < (9, 0)):
+        return False  # ROCm's conversion is not the one numerics.md describes
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _HARDWARE_NEAREST:
+        if capturing() or torch.cuda.is_current_stream_capturing():
+            return False  # the probe must run (a CUDA graph capture, recorded launches): integer path until then
         _HARDWARE_NEAREST[index] = _probe_hardware_nearest(torch.device("cuda", index))
     return _HARDWARE_NEAREST[index]
 
@@ -404,16 +408,20 @@ def _probe_hardware_nearest(device) -> bool:
     none = Scaling.parse("none")
     for fmt in (E4M3, E5M2):
         for saturate in (True, False):
-            hw = _quantize_triton(x, fmt, "nearest", none, 0, saturate, False, None, 0, False, hardware=True)
-            integer = _quantize_triton(x, fmt, "nearest", none, 0, saturate, False, None, 0, False, hardware=False)
-            same = torch.equal(hw[0].view(torch.uint8), integer[0].view(torch.uint8)) and torch.equal(hw[3], integer[3])
-            if not same:
-                warnings.warn(
-                    f"tritonfp8: the hardware fp8 conversion on {torch.cuda.get_device_name(device)} disagrees with "
-                    f"the integer rounding ({fmt.name}, saturate={saturate}); nearest casts use the integer path "
-                    "(correct, slower). Please report this with the GPU and driver version.",
-                    RuntimeWarning, stacklevel=3)
-                return False
+            try:
+                hw = _quantize_triton(x, fmt, "nearest", none, 0, saturate, False, None, 0, False, hardware=True)
+            except Exception as exc:  # the conversion did not compile or run here: the integer path stays
+                why = f"failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            else:
+                integer = _quantize_triton(x, fmt, "nearest", none, 0, saturate, False, None, 0, False, hardware=False)
+                if torch.equal(hw[0].view(torch.uint8), integer[0].view(torch.uint8)) and torch.equal(hw[3], integer[3]):
+                    continue
+                why = "disagrees with the integer rounding"
+            warnings.warn(
+                f"tritonfp8: the hardware fp8 conversion on {torch.cuda.get_device_name(device)} {why} "
+                f"({fmt.name}, saturate={saturate}); nearest casts use the integer path (correct, slower). "
+                "Please report this with the GPU and driver version.", RuntimeWarning, stacklevel=3)
+            return False
     return True
 
 
@@ -767,33 +775,37 @@ def aot_specs():
     """The cast kernel in every scaling mode, with and without the transposed copy, each
     specialized as the JIT specializes a launch on a contiguous [4096, 4096] input."""
     from ..formats import E4M3, E5M2
-    from .spec import launched_spec
+    from .spec import GPU_TARGETS, launched_spec
 
     _SHORT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-    def launch(fmt, scaling, rounding, transpose, saturate=True, dtype=torch.float32, m=4096):
+    def launch(fmt, scaling, rounding, transpose, saturate=True, dtype=torch.float32, m=4096, hardware=False):
         sc = Scaling.parse(scaling)
         x = torch.empty((m, 4096), dtype=dtype, device="meta")
-        return lambda: _quantize_triton(x, fmt, rounding, sc, 1234, saturate, transpose, None, 0, False)
+        return lambda: _quantize_triton(x, fmt, rounding, sc, 1234, saturate, transpose, None, 0, False, hardware)
 
-    def spec(fmt, scaling, rounding, transpose, saturate=True, dtype=torch.float32, m=4096):
+    def spec(fmt, scaling, rounding, transpose, saturate=True, dtype=torch.float32, m=4096, hardware=False):
         sc = Scaling.parse(scaling)
         tile_m, tile_k, _ = quantize_tile(sc, transpose, m)
         name = (f"quantize[{fmt.name},{sc},{rounding}{',T' if transpose else ''}{'' if saturate else ',nosat'},"
-                f"{_SHORT_NAMES[dtype]},tile={tile_m}x{tile_k}]")
-        return launched_spec(name, launch(fmt, scaling, rounding, transpose, saturate, dtype, m),
-                             kernel=_quantize_kernel)
+                f"{_SHORT_NAMES[dtype]},tile={tile_m}x{tile_k}{',hw' if hardware else ''}]")
+        # the hardware nearest conversion runs on sm_90+ only (hardware_nearest); sm_89 runs the integer path
+        return launched_spec(name, launch(fmt, scaling, rounding, transpose, saturate, dtype, m, hardware),
+                             kernel=_quantize_kernel, targets=(90, 100) if hardware else GPU_TARGETS)
 
     specs = [
         spec(E4M3, scaling, "stochastic", transpose)
         for scaling in ("none", "tensor", "row", "col", (1, 128), (128, 1), (128, 128), "mx")
         for transpose in (False, True)
     ]
-    specs += [
-        spec(E5M2, "none", "nearest", False, saturate=False, dtype=torch.bfloat16),
-        spec(E5M2, (1, 128), "nearest", True, dtype=torch.float16),
-        spec(E5M2, "mx", "nearest", True),
-        spec(E4M3, "row", "stochastic", False, m=2),  # few rows: 1 x 1024 chunks
+    nearest = [
+        dict(fmt=E5M2, scaling="none", saturate=False, dtype=torch.bfloat16),
+        dict(fmt=E5M2, scaling=(1, 128), transpose=True, dtype=torch.float16),
+        dict(fmt=E5M2, scaling="mx", transpose=True),
+        dict(fmt=E4M3, scaling="tensor", transpose=True, dtype=torch.bfloat16),
     ]
+    specs += [spec(rounding="nearest", hardware=hw, **dict(dict(transpose=False), **case))
+              for case in nearest for hw in (False, True)]
+    specs.append(spec(E4M3, "row", "stochastic", False, m=2))  # few rows: 1 x 1024 chunks
     specs.append(launched_spec("quantize_amax[rows,cols]", launch(E4M3, "row", "nearest", True), kernel=_amax_kernel))
     return specs

@@ -11,6 +11,10 @@ import tempfile
 from dataclasses import dataclass, field
 
 
+# The GPU architectures every kernel is compiled for ahead of time: Ada, Hopper, Blackwell.
+GPU_TARGETS = (89, 90, 100)
+
+
 @dataclass
 class KernelSpec:
     """One kernel configuration to compile.
@@ -18,6 +22,8 @@ class KernelSpec:
     signature: every argument name -> Triton type ("*fp32", "*fp8e4nv", "i32", ...),
     "constexpr" for constexpr arguments (their values are in ``constexprs``).
     fp8_mma: True when the kernel must use fp8 tensor-core instructions.
+    targets: the architectures this configuration runs on (a variant that uses the
+    hardware fp8 conversion runs on sm_90+ only), so the ones it is compiled for.
     extra: further compile options (e.g. ``enable_fp_fusion=False`` for kernels whose
     fp32 arithmetic must match the reference operation by operation), plus two keys of
     its own: "attrs" (the argument attributes, e.g. 16-byte divisibility, that the JIT
@@ -33,6 +39,7 @@ class KernelSpec:
     num_stages: int = 3
     fp8_mma: bool = False
     extra: dict = field(default_factory=dict)
+    targets: tuple = GPU_TARGETS
 
 
 @dataclass
@@ -57,6 +64,7 @@ def captured_launches():
     """
     from triton.runtime.jit import JITFunction
 
+    global _capturing
     launches: list = []
     original = JITFunction.run
 
@@ -64,13 +72,24 @@ def captured_launches():
         launches.append(Launch(self, args, kwargs, grid))
 
     JITFunction.run = record
+    _capturing += 1
     try:
         yield launches
     finally:
+        _capturing -= 1
         JITFunction.run = original
 
 
-def spec_from_launch(name: str, launch: Launch, fp8_mma: bool = False, cc: int = 90, **extra) -> KernelSpec:
+_capturing = 0  # > 0 inside captured_launches: kernels are recorded, not run
+
+
+def capturing() -> bool:
+    """True inside :func:`captured_launches` (nothing a launcher starts actually runs)."""
+    return _capturing > 0
+
+
+def spec_from_launch(name: str, launch: Launch, fp8_mma: bool = False, cc: int = 90, targets: tuple = GPU_TARGETS,
+                     **extra) -> KernelSpec:
     """The :class:`KernelSpec` of a recorded launch, specialized by Triton's own JIT binder.
 
     Its argument types, the arguments the JIT turns into constants (integers equal
@@ -97,11 +116,12 @@ def spec_from_launch(name: str, launch: Launch, fp8_mma: bool = False, cc: int =
     return KernelSpec(
         name=name, kernel=kernel, signature=signature, constexprs=constexprs,
         num_warps=parsed.num_warps, num_stages=parsed.num_stages, fp8_mma=fp8_mma,
-        extra={"attrs": attrs, **compile_options, **extra},
+        extra={"attrs": attrs, **compile_options, **extra}, targets=targets,
     )
 
 
-def launched_spec(name: str, launcher, *args, kernel=None, fp8_mma: bool = False, **extra) -> KernelSpec:
+def launched_spec(name: str, launcher, *args, kernel=None, fp8_mma: bool = False, targets: tuple = GPU_TARGETS,
+                  **extra) -> KernelSpec:
     """Run ``launcher(*args)`` (on ``meta`` tensors) under :func:`captured_launches` and return
     the spec of its launch of ``kernel`` (its only launch when ``kernel`` is None)."""
     with captured_launches() as launches:
@@ -110,7 +130,7 @@ def launched_spec(name: str, launcher, *args, kernel=None, fp8_mma: bool = False
     if len(chosen) != 1:
         raise RuntimeError(f"{name}: expected one launch{' of ' + kernel.__name__ if kernel else ''}, "
                            f"recorded {[l.kernel.__name__ for l in launches]}")
-    return spec_from_launch(name, chosen[0], fp8_mma=fp8_mma, **extra)
+    return spec_from_launch(name, chosen[0], fp8_mma=fp8_mma, targets=targets, **extra)
 
 
 def _cuobjdump() -> str:
