@@ -7,6 +7,7 @@ import io
 import json
 import math
 import shutil
+import statistics
 
 import pytest
 
@@ -270,6 +271,35 @@ def test_findings_accuracy_claims():
     assert "per seed -0.40, -0.40, -0.50" in f[1]["text"] and "(0.13 points beyond the threshold)" in f[1]["text"]
 
 
+def test_paired_confidence_interval():
+    # diffs 1, 2, 3: mean 2, sd 1, t(2 dof) = 4.303 -> 2 +- 4.303 / sqrt(3)
+    lo, hi = report.paired_ci([1.0, 2.0, 3.0])
+    assert lo == pytest.approx(2 - 4.303 / 3 ** 0.5, abs=1e-9) and hi == pytest.approx(2 + 4.303 / 3 ** 0.5, abs=1e-9)
+    assert report.paired_ci([0.5]) is None
+    # 12 seeds: between table entries the smaller one's (wider) quantile, t(10) = 2.228
+    diffs = [0.1 * i for i in range(12)]
+    lo, hi = report.paired_ci(diffs)
+    assert hi - lo == pytest.approx(2 * 2.228 * statistics.stdev(diffs) / 12 ** 0.5)
+    assert report.paired_ci([1.0] * 40) == (1.0, 1.0)
+
+
+def test_findings_give_paired_intervals():
+    cfg = rconfig.task_config("fashion-cnn")
+    s = {"fp32": _arm([90.0, 90.2, 90.4]), "mellempudi2019": _arm([90.4, 90.3, 89.8]),
+         "fp8-vanilla": _arm([90.0, 89.9, 89.3])}
+    for v in s.values():
+        v["gap_to_fp32"] = v["mean"] - s["fp32"]["mean"]
+    f = report.findings(cfg, s)
+    lo, hi = report.paired_ci([0.4, 0.1, -0.6])  # full recipe - fp32, per seed
+    assert f"gap -0.03 points, paired 95% CI [{lo:+.2f}, {hi:+.2f}]" in f[0]["text"]
+    lo, hi = report.paired_ci([-0.4, -0.4, -0.5])
+    assert f"paired 95% CI [{lo:+.2f}, {hi:+.2f}]; per seed -0.40, -0.40, -0.50" in f[1]["text"]
+    one = {k: _arm(v["finals"][:1]) for k, v in s.items()}
+    for v in one.values():
+        v["gap_to_fp32"] = v["mean"] - one["fp32"]["mean"]
+    assert "95% CI" not in report.findings(cfg, one)[0]["text"]  # one seed: no interval
+
+
 def test_findings_say_whether_the_enhanced_floor_acted():
     cfg = rconfig.task_config("text-gpt", ls_floor=2.0**13)
     s = {"fp32": _arm([1.50, 1.52]), "mellempudi2019": _arm([1.52, 1.53]),
@@ -292,6 +322,8 @@ def test_findings_text_claim():
     f = report.findings(cfg, s)
     assert f[0]["holds"] is True and "+0.99%" in f[0]["text"]
     assert "(per seed +1.33%, +0.66%)" in f[0]["text"]
+    lo, hi = report.paired_ci([100 * 0.02 / 1.50, 100 * 0.01 / 1.52])
+    assert f"+0.99%, paired 95% CI [{lo:+.2f}%, {hi:+.2f}%]" in f[0]["text"]
     s["mellempudi2019"] = _arm([1.53, 1.54])
     assert report.findings(cfg, s)[0]["holds"] is False
 

@@ -102,6 +102,30 @@ def _paired_diff(a: dict, b: dict) -> tuple[float, float, int]:
     return statistics.fmean(diffs), se, len(diffs)
 
 
+# Student's t, two-sided 95%, by degrees of freedom (a dof between entries takes the smaller
+# entry's, i.e. the wider interval); above 30, 2.0.
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def _t975(dof: int) -> float:
+    return 2.0 if dof > 30 else _T975[max(k for k in _T975 if k <= dof)]
+
+
+def paired_ci(diffs: list) -> Optional[tuple[float, float]]:
+    """Two-sided 95% confidence interval of the mean of per-seed differences (Student's t on
+    n - 1 degrees of freedom); None with fewer than 2 seeds."""
+    if len(diffs) < 2:
+        return None
+    half = _t975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    mean = statistics.fmean(diffs)
+    return mean - half, mean + half
+
+
+def _fmt_ci(ci, fmt: str = "{:+.2f}", unit: str = "") -> str:
+    return "" if ci is None else f", paired 95% CI [{fmt.format(ci[0])}{unit}, {fmt.format(ci[1])}{unit}]"
+
+
 def findings(cfg: TaskConfig, summary: dict) -> list[dict]:
     """The issue's checks on this task, each {'claim', 'holds' (True/False/None), 'text'}."""
     out = []
@@ -114,7 +138,8 @@ def findings(cfg: TaskConfig, summary: dict) -> list[dict]:
             holds = gap >= -ACC_TOLERANCE
             out.append({"claim": f"full recipe within {ACC_TOLERANCE} points of fp32 (or better)", "holds": holds,
                         "text": f"{FULL}: {full['mean']:.2f}% +- {full['std']:.2f} vs fp32 {fp32['mean']:.2f}% +- "
-                                f"{fp32['std']:.2f} over {n} seed(s): gap {gap:+.2f} points -> "
+                                f"{fp32['std']:.2f} over {n} seed(s): gap {gap:+.2f} points"
+                                f"{_fmt_ci(paired_ci(_per_seed(full, fp32)))} -> "
                                 f"{'holds' if holds else 'DOES NOT hold'}.{few}"})
         if full:
             worse = []
@@ -127,7 +152,8 @@ def findings(cfg: TaskConfig, summary: dict) -> list[dict]:
                 visible = d < -ACC_TOLERANCE and (pairs < 2 or -d > VISIBLE_SE * se)
                 if visible:
                     worse.append(name)
-                stats = (f", paired SE {se:.2f} over {pairs} seeds (unpaired SE {_diff_se(a, full):.2f}); "
+                stats = (f", paired SE {se:.2f} over {pairs} seeds (unpaired SE {_diff_se(a, full):.2f})"
+                         f"{_fmt_ci(paired_ci(_per_seed(a, full)))}; "
                          f"per seed {', '.join(f'{x:+.2f}' for x in _per_seed(a, full))}" if pairs > 1 else "")
                 lines.append(f"{name} {a['mean']:.2f}% ({d:+.2f} points vs the full recipe{stats}; "
                              f"{a['gap_to_fp32']:+.2f} vs fp32)"
@@ -147,7 +173,8 @@ def findings(cfg: TaskConfig, summary: dict) -> list[dict]:
             holds = rel <= LOSS_TOLERANCE
             out.append({"claim": f"full recipe's validation loss within {100 * LOSS_TOLERANCE:g}% of fp32", "holds": holds,
                         "text": f"{FULL}: {full['mean']:.4f} +- {full['std']:.4f} vs fp32 {fp32['mean']:.4f} +- "
-                                f"{fp32['std']:.4f} nats/byte over {n} seed(s): {100 * rel:+.2f}% -> "
+                                f"{fp32['std']:.4f} nats/byte over {n} seed(s): {100 * rel:+.2f}%"
+                                f"{_fmt_ci(paired_ci([100 * (x - y) / y for x, y in _pairs(full, fp32)]), unit='%')} -> "
                                 f"{'holds' if holds else 'DOES NOT hold'}"
                                 + (f" (per seed {', '.join(f'{100 * (x - y) / y:+.2f}%' for x, y in _pairs(full, fp32))})"
                                    if n > 1 else "") + "."})
