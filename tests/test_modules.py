@@ -358,3 +358,28 @@ def test_forward_bound_is_tight(recipe_name, just_below_tie):
     bound = _bound(x64, w64.t(), recipe.activation, recipe.weight, 2.0**-24, 64)
     assert torch.all(err <= bound)
     assert (err[1:, 1:] / bound[1:, 1:]).min() > 0.75  # 0.79 (E5M2) and 0.93 (E4M3) measured
+
+
+def test_recipe_fast_accumulation_reaches_its_products(monkeypatch):
+    """Recipe.fast_accumulation names the products whose scaled_mm accumulates fast on sm_90:
+    here the forward only (Transformer Engine's choice), so the backward's dx and dW promote."""
+    import tritonfp8.nn.functional as fp8_functional
+
+    calls = []
+    real = fp8_functional.scaled_mm
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("fast_accumulation", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fp8_functional, "scaled_mm", spy)
+    recipe = tf8.get_recipe("hybrid").with_(fast_accumulation="forward")
+    assert recipe.fast_accumulation == ("forward",)
+    layer = tf8.nn.Linear(32, 16, recipe=recipe)
+    layer(torch.randn(8, 32, requires_grad=True)).sum().backward()
+    assert calls == [True, False, False]  # y, then dx and dW
+    calls.clear()
+    tf8.nn.Linear(32, 16, recipe=tf8.get_recipe("hybrid"))(torch.randn(8, 32, requires_grad=True)).sum().backward()
+    assert calls == [False, False, False]
+    with pytest.raises(ValueError, match="fast_accumulation names products"):
+        tf8.get_recipe("hybrid").with_(fast_accumulation=("fwd",))

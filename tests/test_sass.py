@@ -111,7 +111,7 @@ def test_memory_model_is_the_smaller_of_issue_and_bandwidth():
 
 _FILTER = "|".join(["cast e4m3 tensor nearest bf16", "cast e4m3 none stochastic bf16",
                     "tma 64x128x128/g8/w4/s4 e4m3xe4m3 a:tensor", "attention_fwd[D=128,bf16,",
-                    "optimizer adamw_bf16_bf16_sr"])
+                    "optimizer adamw_bf16_bf16_sr", "-> bf16 fast-acc"])
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,8 @@ def _row(rows, name, target="sm_90"):
 def test_report_compiles_the_chosen_rows_and_their_references(report):
     rep, md = report
     names = {r["name"] for r in rep["rows"]}
-    assert len(names) == 9, sorted(names)  # the 5 chosen rows and their 4 references (the optimizer has none)
+    # the 6 chosen rows and their 5 references (the optimizer has none)
+    assert len(names) == 11, sorted(names)
     for ref in ("ref hw cast e4m3 bf16", "ref philox4 cast e4m3 bf16", "ref gemm no promotion 64x128x128/g8/w4/s4",
                 "ref attention fwd hw P D=128"):
         assert ref in names, ref
@@ -202,6 +203,11 @@ def test_gemm_and_attention_rows(report):
     assert ref["parts"][0]["wait_depth"] >= 1
     assert gemm["ratio_to_reference"] == pytest.approx(
         gemm["parts"][0]["predicted_tflops"] / ref["parts"][0]["predicted_tflops"], abs=0.01)
+    # the recipe's fast accumulation: no promotion, so the wgmma stays in flight like the reference's
+    fast = _row(rows, "scaled_mm[tma 128x128x128/g8/w8/s4 e4m3xe4m3 a:tensor b:tensor -> bf16 fast-acc]")
+    promoted_ref = _row(rows, "ref gemm no promotion 128x128x128")
+    assert fast["parts"][0]["wait_depth"] >= 1 and fast["check"]["holds"]
+    assert fast["parts"][0]["loop_mix"]["total"] <= promoted_ref["parts"][0]["loop_mix"]["total"] + 8
     attn = _row(rows, "attention_fwd[D=128,bf16,hwP]")
     aref = _row(rows, "ref attention fwd hw P D=128")
     assert attn["check"]["goal"] == "non_mma_ratio<=2"

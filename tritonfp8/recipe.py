@@ -21,6 +21,8 @@ from .formats import ROUNDINGS, get_format
 from .tensor import Scaling
 
 SCALE_SOURCES = ("current", "delayed")
+# The three products of a layer: y = x W^T, dx = dy W, dW = dy^T x.
+PRODUCTS = ("forward", "input_grad", "weight_grad")
 AMAX_REDUCTIONS = ("max", "most_recent")
 
 
@@ -79,6 +81,11 @@ class Recipe:
             high precision when converting (the seed paper does).
         min_dim: layers with a product dimension (K or N) below this, or not a multiple
             of 16, run in high precision (too small to gain; fp8 tensor cores need 16).
+        fast_accumulation: the products, of :data:`PRODUCTS`, whose sums stay in the
+            tensor cores' reduced-precision accumulator on sm_90 instead of being promoted
+            to fp32 every 128 elements (``scaled_mm(fast_accumulation=True)``; Transformer
+            Engine does this in the forward). Default: none (numerics.md 5). Elsewhere
+            (CPU reference, interpreter, sm_89, sm_100) it changes nothing.
     """
 
     name: str = "custom"
@@ -91,6 +98,7 @@ class Recipe:
     keep_first_conv: bool = False
     keep_last_linear: bool = False
     min_dim: int = 16
+    fast_accumulation: tuple = ()
 
     def __post_init__(self):
         for role in ("weight", "activation", "error"):
@@ -104,6 +112,11 @@ class Recipe:
                     "weight_grad is rounded in the GEMM epilogue, where no amax of the whole result exists yet: "
                     "use scaling='none' for it (the loss scale is its scale), or weight_grad=None"
                 )
+        fast = self.fast_accumulation
+        object.__setattr__(self, "fast_accumulation", (fast,) if isinstance(fast, str) else tuple(fast))
+        unknown = [p for p in self.fast_accumulation if p not in PRODUCTS]
+        if unknown:
+            raise ValueError(f"fast_accumulation names products of {PRODUCTS}, got {unknown}")
         if self.amax_history_len < 1:
             raise ValueError(f"amax_history_len must be >= 1, got {self.amax_history_len}")
         if self.amax_reduction not in AMAX_REDUCTIONS:

@@ -354,16 +354,18 @@ def _gemm_workloads() -> list:
     from .ops.spec import captured_launches, spec_from_launch
 
     rows = []
-    cases = [  # (config, a scaling, b scaling, out, rounding, variant, goal)
+    cases = [  # (config, a scaling, b scaling, out, rounding, variant, goal[, fast accumulation])
         (mm.CONFIGS[0], "tensor", "tensor", "bf16", "nearest", "tma", "tflops_ratio>=0.9"),
+        (mm.CONFIGS[0], "tensor", "tensor", "bf16", "nearest", "tma", "tflops_ratio>=0.9", True),
         (mm.CONFIGS[2], "tensor", "tensor", "bf16", "nearest", "tma", "tflops_ratio>=0.9"),
         (mm.CONFIGS[0], "tensor", "tensor", "bf16", "nearest", "pointer", None),
         (mm.CONFIGS[0], (1, 128), (128, 128), "bf16", "nearest", "tma", None),
         (mm.CONFIGS[0], "tensor", "tensor", "e4m3", "stochastic", "tma", None),
         (mm.CONFIGS[0], "mx", "mx", "bf16", "nearest", "pointer", None),
     ]
-    for config, a_s, b_s, out, rounding, variant, goal in cases:
-        spec = mm.aot_spec(config, "e4m3", "e4m3", a_s, b_s, out, rounding=rounding, variant=variant)
+    for config, a_s, b_s, out, rounding, variant, goal, *fast in cases:
+        spec = mm.aot_spec(config, "e4m3", "e4m3", a_s, b_s, out, rounding=rounding, variant=variant,
+                           fast_accumulation=bool(fast and fast[0]))
         reference = f"ref gemm no promotion {config}" if goal else None
         rows.append(Workload(spec.name, "gemm", [Part(spec, Unit("gemm", per_thread=1))], reference=reference,
                              targets=(90, 100), goal=goal))

@@ -65,13 +65,20 @@ def _quantize_error(state: LayerState, recipe: Recipe, dy2d: torch.Tensor, trans
     return dy_q
 
 
+def _fast(recipe: Recipe, product: str) -> bool:
+    """Whether ``product`` ("forward", "input_grad", "weight_grad") accumulates fast (Recipe.fast_accumulation)."""
+    return product in recipe.fast_accumulation
+
+
 def _weight_grad(dy_q: FP8Tensor, x_t: FP8Tensor, recipe: Recipe, seed: int, dtype: torch.dtype) -> torch.Tensor:
     """dW [N, K] = dy^T [N, T] @ x [T, K]; both quantized along T by the casts' transposed copies."""
     a, b = dy_q.transposed, transpose_view(x_t)
+    fast = _fast(recipe, "weight_grad")
     if recipe.weight_grad is None:
-        return scaled_mm(a, b, out_dtype=dtype)
+        return scaled_mm(a, b, out_dtype=dtype, fast_accumulation=fast)
     g = recipe.weight_grad
-    dw_q = scaled_mm(a, b, out_fmt=g.fmt, rounding=g.rounding, seed=seed if g.rounding == "stochastic" else None)
+    dw_q = scaled_mm(a, b, out_fmt=g.fmt, rounding=g.rounding, seed=seed if g.rounding == "stochastic" else None,
+                     fast_accumulation=fast)
     return dw_q.dequantize(dtype)
 
 
@@ -131,7 +138,8 @@ def _linear_fwd_op(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     x_q = state.quantize(x2d, "activation", recipe.activation, transpose=need_dw)
     seeds = _seeds_tensor(state)
     w_q = state.quantize(weight, "weight", recipe.weight, transpose=False, seed=int(seeds[0]))
-    y = scaled_mm(x_q, transpose_view(w_q), bias=bias, out_dtype=DTYPES_BY_NAME[out_dtype])
+    y = scaled_mm(x_q, transpose_view(w_q), bias=bias, out_dtype=DTYPES_BY_NAME[out_dtype],
+                  fast_accumulation=_fast(recipe, "forward"))
     state.calls += 1
     x_t = x_q.transposed
     delayed = _delayed_scale(w_q, recipe) if need_dx else None
@@ -168,7 +176,8 @@ def _linear_bwd_op(dy2d: torch.Tensor, x_t_data: torch.Tensor, x_t_scale: torch.
     if need_dx:
         # dx [M, K] = dy [M, N] @ W [N, K]; b is W^T quantized along N, viewed as [N, K].
         w_t = _recast_weight(state, weight, recipe, weight_seed, delayed if delayed.numel() else None)
-        dx = scaled_mm(dy_q, transpose_view(w_t), out_dtype=DTYPES_BY_NAME[x_dtype])
+        dx = scaled_mm(dy_q, transpose_view(w_t), out_dtype=DTYPES_BY_NAME[x_dtype],
+                       fast_accumulation=_fast(recipe, "input_grad"))
     if need_dw:
         dw = _weight_grad(dy_q, x_t, recipe, wgrad_seed, weight.dtype)
     if bias_dtype:
@@ -457,7 +466,8 @@ def _conv_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         w_q = state.quantize(_group_weight(weight, gi, groups, kp), "weight", recipe.weight, transpose=False,
                              seed=_group_seed(weight_seed, gi))
         b_g = None if bias is None else bias[gi * og:(gi + 1) * og]
-        outs.append(scaled_mm(cols, transpose_view(w_q), bias=b_g, out_dtype=DTYPES_BY_NAME[out_dtype]))
+        outs.append(scaled_mm(cols, transpose_view(w_q), bias=b_g, out_dtype=DTYPES_BY_NAME[out_dtype],
+                              fast_accumulation=_fast(recipe, "forward")))
         if _delayed_scale(w_q, recipe) is not None:
             delayed.append(w_q.scale.reshape(1))
     y = outs[0] if groups == 1 else torch.cat(outs, dim=-1)  # [B*L, O]
@@ -503,7 +513,8 @@ def _conv_bwd_op(dy: torch.Tensor, codes: torch.Tensor, x_scale: torch.Tensor, w
     for gi in range(groups):
         dy_q = _quantize_error(state, recipe, dy2d[:, gi * og:(gi + 1) * og], need_dw, _group_seed(error_seed, gi))
         if w_ts:
-            dx_cols.append(scaled_mm(dy_q, transpose_view(w_ts[gi]), out_dtype=DTYPES_BY_NAME[x_dtype])[:, :k])
+            dx_cols.append(scaled_mm(dy_q, transpose_view(w_ts[gi]), out_dtype=DTYPES_BY_NAME[x_dtype],
+                                     fast_accumulation=_fast(recipe, "input_grad"))[:, :k])
         if need_dw:
             cols = _im2col_codes(codes[:, gi * cg:(gi + 1) * cg], g, kp)
             # The activation's transposed copy: with one scale and nearest rounding, the same codes transposed.

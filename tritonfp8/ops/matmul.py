@@ -124,11 +124,14 @@ def _tile_coords(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GR
 def _partial(a, b, acc, k0, offs_m, offs_n, in_m, in_n,
              a_scale_ptr, b_scale_ptr, stride_asm, stride_ask, stride_bsk, stride_bsn,
              A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, A_GM: tl.constexpr, B_GN: tl.constexpr,
-             SCALE_K: tl.constexpr, E8M0_A: tl.constexpr, E8M0_B: tl.constexpr, BLOCK_K: tl.constexpr):
+             SCALE_K: tl.constexpr, E8M0_A: tl.constexpr, E8M0_B: tl.constexpr, BLOCK_K: tl.constexpr,
+             FAST_ACC: tl.constexpr):
     """Add one BLOCK_K slice of the product to the fp32 accumulator.
 
     Block scales multiply the partial product (promoted to fp32 here); otherwise
-    the dot accumulates into ``acc`` and is promoted every BLOCK_K elements.
+    the dot accumulates into ``acc`` and is promoted every BLOCK_K elements, unless
+    FAST_ACC (the recipe's fast accumulation: on sm_90 the tensor cores' own
+    accumulator then holds the whole sum; elsewhere nothing changes).
     """
     if (A_SCALE == SCALE_BLOCK) or (B_SCALE == SCALE_BLOCK):
         kb = k0 // SCALE_K
@@ -140,6 +143,8 @@ def _partial(a, b, acc, k0, offs_m, offs_n, in_m, in_n,
             sb = _load_scale(b_scale_ptr + kb * stride_bsk + (offs_n // B_GN) * stride_bsn, in_n, E8M0_B)
             part = part * sb[None, :]
         acc += part
+    elif FAST_ACC:
+        acc = tl.dot(a, b, acc)
     else:
         acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
     return acc
@@ -261,7 +266,7 @@ def _scaled_mm_kernel(
     INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr, STOCHASTIC: tl.constexpr, SATURATE: tl.constexpr,
     # tile
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EPI_SPLIT: tl.constexpr, RAND4: tl.constexpr,
+    EPI_SPLIT: tl.constexpr, RAND4: tl.constexpr, FAST_ACC: tl.constexpr,
 ):
     """out [M, N] = a [M, K] @ b [K, N] for one BLOCK_M x BLOCK_N tile; any strides."""
     pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -280,7 +285,7 @@ def _scaled_mm_kernel(
         b = tl.load(b_ptrs, mask=in_k[:, None], other=0.0)
         acc = _partial(a, b, acc, k0, offs_m, offs_n, in_m, in_n,
                        a_scale_ptr, b_scale_ptr, stride_asm, stride_ask, stride_bsk, stride_bsn,
-                       A_SCALE, B_SCALE, A_GM, B_GN, SCALE_K, E8M0_A, E8M0_B, BLOCK_K)
+                       A_SCALE, B_SCALE, A_GM, B_GN, SCALE_K, E8M0_A, E8M0_B, BLOCK_K, FAST_ACC)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     _epilogue(acc, pid_n, offs_m, M, N, seed,
@@ -310,7 +315,7 @@ def _scaled_mm_tma_kernel(
     INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr, STOCHASTIC: tl.constexpr, SATURATE: tl.constexpr,
     # tile
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EPI_SPLIT: tl.constexpr, RAND4: tl.constexpr,
+    EPI_SPLIT: tl.constexpr, RAND4: tl.constexpr, FAST_ACC: tl.constexpr,
 ):
     """Persistent variant: each program walks output tiles with a stride of the grid size.
 
@@ -330,7 +335,7 @@ def _scaled_mm_tma_kernel(
             b = bt_desc.load([pid_n * BLOCK_N, k0]).T
             acc = _partial(a, b, acc, k0, offs_m, offs_n, in_m, in_n,
                            a_scale_ptr, b_scale_ptr, stride_asm, stride_ask, stride_bsk, stride_bsn,
-                           A_SCALE, B_SCALE, A_GM, B_GN, SCALE_K, E8M0_A, E8M0_B, BLOCK_K)
+                           A_SCALE, B_SCALE, A_GM, B_GN, SCALE_K, E8M0_A, E8M0_B, BLOCK_K, FAST_ACC)
         _epilogue(acc, pid_n, offs_m, M, N, seed,
                   a_scale_ptr, b_scale_ptr, bias_ptr, out_ptr, out_scale_ptr, amax_ptr, saturated_ptr,
                   stride_asm, stride_bsn, stride_om, stride_on,
@@ -451,7 +456,8 @@ def _scale_strides(scale: torch.Tensor, is_a: bool) -> tuple[int, int]:
 
 
 def scaled_mm_meta(a_scaling: Scaling, b_scaling: Scaling, has_bias: bool, out_fmt: Optional[Format],
-                   out_scaled: bool, rounding: str, saturate: bool, config: GemmConfig, n: int = 1 << 30) -> dict:
+                   out_scaled: bool, rounding: str, saturate: bool, config: GemmConfig, n: int = 1 << 30,
+                   fast_accumulation: bool = False) -> dict:
     """The constexpr arguments of the product kernels for an output with ``n`` columns
     (also used to compile them ahead of time)."""
     a_mode, a_gm, a_k = _operand_scale(a_scaling, True)
@@ -467,6 +473,7 @@ def scaled_mm_meta(a_scaling: Scaling, b_scaling: Scaling, has_bias: bool, out_f
         NAN_CODE=fmt.nan_code if fmt else 0,
         STOCHASTIC=fmt is not None and rounding == "stochastic", SATURATE=saturate,
         EPI_SPLIT=epilogue_split(config, fmt is not None and rounding == "stochastic"), RAND4=n % 4 == 0,
+        FAST_ACC=fast_accumulation,
         **config.meta(scale_k),
     )
 
@@ -499,7 +506,7 @@ def _bench_ms(fn) -> float:
 
 def _scaled_mm_triton(a, a_scale, a_scaling, b, b_scale, b_scaling, bias, out_dtype, out_fmt, out_scale,
                       rounding, seed, saturate, config: Optional[GemmConfig] = None,
-                      variant: Optional[str] = None):
+                      variant: Optional[str] = None, fast_accumulation: bool = False):
     """Launch a product kernel on 2-D a [M, K], b [K, N] (validated by :func:`scaled_mm`).
 
     ``variant`` forces "pointer" or "tma" and ``config`` a configuration; otherwise
@@ -541,7 +548,7 @@ def _scaled_mm_triton(a, a_scale, a_scaling, b, b_scale, b_scaling, bias, out_dt
 
     def launch(var: str, cfg: GemmConfig, out_args: dict):
         meta = scaled_mm_meta(a_scaling, b_scaling, bias is not None, out_fmt, out_scale is not None,
-                              rounding, saturate, cfg, n)
+                              rounding, saturate, cfg, n, fast_accumulation)
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
         if var == "tma":
             a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [cfg.block_m, meta["BLOCK_K"]])
@@ -566,7 +573,7 @@ def _scaled_mm_triton(a, a_scale, a_scaling, b, b_scale, b_scaling, bias, out_dt
 
         run = timed if compiled and AUTOTUNE else None
         key = (a.dtype, b.dtype, str(a_scaling), str(b_scaling), bias is not None,
-               str(out_dtype), out_fmt.name if out_fmt else "", rounding)
+               str(out_dtype), out_fmt.name if out_fmt else "", rounding, fast_accumulation)
         variant, config = pick_config(m, n, k, key, run, variants)
     launch(variants[0] if variant is None else variant, config, args)
     return [out, amax, saturated]
@@ -725,20 +732,23 @@ def scaled_mm_op(
     a: torch.Tensor, a_scale: torch.Tensor, a_scaling: str,
     b: torch.Tensor, b_scale: torch.Tensor, b_scaling: str,
     bias: Optional[torch.Tensor], out_dtype: str, out_fmt: str, out_scale: Optional[torch.Tensor],
-    rounding: str, seed: int, saturate: bool,
+    rounding: str, seed: int, saturate: bool, fast_accumulation: bool = False,
 ) -> list[torch.Tensor]:
     """The product on 2-D fp8 a [M, K], b [K, N]; see :func:`scaled_mm`.
 
     Returns [out [M, N] (uint8 codes when ``out_fmt`` is set), amax [], saturated []].
     """
-    impl = scaled_mm_reference if _backend.resolve(a.device) == "torch" else _scaled_mm_triton
     fmt = get_format(out_fmt) if out_fmt else None
-    return impl(a, a_scale, Scaling.parse(a_scaling), b, b_scale, Scaling.parse(b_scaling), bias,
-                DTYPES_BY_NAME[out_dtype], fmt, out_scale, rounding, seed, saturate)
+    args = (a, a_scale, Scaling.parse(a_scaling), b, b_scale, Scaling.parse(b_scaling), bias,
+            DTYPES_BY_NAME[out_dtype], fmt, out_scale, rounding, seed, saturate)
+    if _backend.resolve(a.device) == "torch":
+        return scaled_mm_reference(*args)  # exact fp32 sums: fast accumulation changes nothing here
+    return _scaled_mm_triton(*args, fast_accumulation=fast_accumulation)
 
 
 @scaled_mm_op.register_fake
-def _(a, a_scale, a_scaling, b, b_scale, b_scaling, bias, out_dtype, out_fmt, out_scale, rounding, seed, saturate):
+def _(a, a_scale, a_scaling, b, b_scale, b_scaling, bias, out_dtype, out_fmt, out_scale, rounding, seed, saturate,
+      fast_accumulation=False):
     dtype = torch.uint8 if out_fmt else DTYPES_BY_NAME[out_dtype]
     return [
         a.new_empty((a.shape[0], b.shape[1]), dtype=dtype),
@@ -808,6 +818,7 @@ def scaled_mm(
     rounding: str = "nearest",
     seed: Optional[int] = None,
     saturate: bool = True,
+    fast_accumulation: bool = False,
 ):
     """``(a.data * a.scale) @ (b.data * b.scale) + bias`` with fp32 accumulation.
 
@@ -829,6 +840,12 @@ def scaled_mm(
             the output has scaling "none".
         rounding, seed, saturate: as for :func:`~tritonfp8.quantize` (Philox offset
             of element (m, n) is m * N + n).
+        fast_accumulation: on sm_90, let the tensor cores' reduced-precision accumulator
+            (about 14 significant bits, numerics.md 5) sum the whole K instead of
+            promoting every 128 elements: faster, less exact, what Transformer Engine does
+            in the forward product. It applies to unscaled / tensor / row / col scales
+            (block and MX scales promote per block anyway); the reference backend, the
+            interpreter, sm_89 and sm_100 compute the promoted (exact fp32) sums either way.
 
     Returns:
         A tensor [M, N] of ``out_dtype``, or with ``out_fmt`` an FP8Tensor [M, N]
@@ -880,6 +897,7 @@ def scaled_mm(
         outs = scaled_mm_op(
             a.data, a.scale, a.scaling.spec(), b.data, b.scale, b.scaling.spec(), bias, DTYPE_NAMES[out_dtype],
             fmt.name if fmt else "", out_scale, rounding, 0 if seed is None else seed, saturate,
+            bool(fast_accumulation),
         )
     out, amax, saturated = outs
     if fmt is None:
@@ -955,7 +973,8 @@ _NOT_ALIGNED = ("seed",)
 
 
 def aot_spec(config: GemmConfig, a_fmt: str, b_fmt: str, a_scaling, b_scaling, out: str = "bf16",
-             has_bias: bool = False, rounding: str = "nearest", variant: str = "pointer"):
+             has_bias: bool = False, rounding: str = "nearest", variant: str = "pointer",
+             fast_accumulation: bool = False):
     """One :class:`tritonfp8.ops.spec.KernelSpec` of a product kernel, specialized as the JIT
     specializes a K-major product whose sizes are multiples of 16.
 
@@ -968,7 +987,8 @@ def aot_spec(config: GemmConfig, a_fmt: str, b_fmt: str, a_scaling, b_scaling, o
     if b_s.is_mx:
         b_s = b_s.transposed()
     out_fmt = get_format(out) if out in _TRITON_TYPES else None
-    constexprs = scaled_mm_meta(a_s, b_s, has_bias, out_fmt, out_fmt is not None, rounding, True, config)
+    constexprs = scaled_mm_meta(a_s, b_s, has_bias, out_fmt, out_fmt is not None, rounding, True, config,
+                                fast_accumulation=fast_accumulation)
     kernel = _scaled_mm_tma_kernel if variant == "tma" else _scaled_mm_kernel
     types = {
         "a_ptr": "*" + _TRITON_TYPES[a_fmt], "b_ptr": "*" + _TRITON_TYPES[b_fmt],
@@ -986,7 +1006,8 @@ def aot_spec(config: GemmConfig, a_fmt: str, b_fmt: str, a_scaling, b_scaling, o
         if name not in _NOT_ALIGNED and (signature[name] == "i32" or signature[name].startswith("*"))
     }
     name = (f"scaled_mm[{variant} {config} {a_fmt}x{b_fmt} a:{a_s} b:{b_s} -> {out}"
-            f"{' +bias' if has_bias else ''}{' sr' if rounding == 'stochastic' else ''}]")
+            f"{' +bias' if has_bias else ''}{' sr' if rounding == 'stochastic' else ''}"
+            f"{' fast-acc' if fast_accumulation else ''}]")
     # The issue's no-spill promise is for sm_90. On sm_100 per-column block scales (128 x 1, mx)
     # and on sm_89 a few block-scaled tiles spill (see the AOT table); the TMA kernel never
     # runs on sm_89 (tma_ok), where Triton lowers its descriptors to plain loads.
@@ -1013,5 +1034,6 @@ def aot_specs() -> list:
         aot_spec(first, "e5m2", "e4m3", "row", "col", "fp16", has_bias=True, variant="tma"),
         aot_spec(first, "e4m3", "e4m3", (1, 128), (128, 128), "e4m3", variant="tma"),
         aot_spec(first, "e5m2", "e4m3", "tensor", "tensor", "e4m3", rounding="stochastic", variant="pointer"),
+        aot_spec(first, "e4m3", "e4m3", "tensor", "tensor", "bf16", variant="tma", fast_accumulation=True),
     ]
     return specs
