@@ -47,12 +47,13 @@ def agree_any(flag: bool, group) -> bool:
     return bool(t.item())
 
 
-def _agree_(t: torch.Tensor, group, op) -> torch.Tensor:
+def _agree_(t: torch.Tensor, group, op: str) -> torch.Tensor:
+    """All-reduce ``t`` in place with ``dist.ReduceOp.<op>`` over ``group`` (None: alone, unchanged)."""
     if group is None:
         return t
     device = _device(group)
     buf = t if t.device == device else t.to(device)
-    dist.all_reduce(buf, op=op, group=group)
+    dist.all_reduce(buf, op=getattr(dist.ReduceOp, op), group=group)
     if buf is not t:
         t.copy_(buf)
     return t
@@ -60,12 +61,12 @@ def _agree_(t: torch.Tensor, group, op) -> torch.Tensor:
 
 def agree_min_(t: torch.Tensor, group) -> torch.Tensor:
     """Replace the values of ``t`` by their minimum over the ranks of ``group``, in place."""
-    return _agree_(t, group, dist.ReduceOp.MIN if dist is not None else None)
+    return _agree_(t, group, "MIN")
 
 
 def agree_max_(t: torch.Tensor, group) -> torch.Tensor:
     """Replace the values of ``t`` by their maximum over the ranks of ``group``, in place."""
-    return _agree_(t, group, dist.ReduceOp.MAX if dist is not None else None)
+    return _agree_(t, group, "MAX")
 
 
 def broadcast_int(value: int, group, src_rank: int = 0) -> int:

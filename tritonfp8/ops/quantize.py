@@ -369,14 +369,16 @@ def hardware_nearest(device) -> bool:
     device = torch.device(device)
     if device.type == "meta":
         return True
-    if (device.type != "cuda" or torch.version.hip is not None or _backend.triton_interprets()
-            or torch.cuda.get_device_capability(device) < (9, 0)):
+    if device.type != "cuda" or torch.version.hip is not None or _backend.triton_interprets():
         return False  # ROCm's conversion is not the one numerics.md describes
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _HARDWARE_NEAREST:
-        if capturing() or torch.cuda.is_current_stream_capturing():
+    if index not in _HARDWARE_NEAREST:  # once per device: every compiled nearest cast asks
+        if torch.cuda.get_device_capability(index) < (9, 0):
+            _HARDWARE_NEAREST[index] = False
+        elif capturing() or torch.cuda.is_current_stream_capturing():
             return False  # the probe must run (a CUDA graph capture, recorded launches): integer path until then
-        _HARDWARE_NEAREST[index] = _probe_hardware_nearest(torch.device("cuda", index))
+        else:
+            _HARDWARE_NEAREST[index] = _probe_hardware_nearest(torch.device("cuda", index))
     return _HARDWARE_NEAREST[index]
 
 
@@ -388,8 +390,8 @@ def _nearest_probe_values() -> torch.Tensor:
     patterns = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
     edges = []
     for fmt in (E4M3, E5M2):
-        top_ulp = 2.0 ** (fmt.emax - fmt.man_bits)
-        for v in (fmt.max + top_ulp / 2, fmt.max, fmt.min_subnormal / 2, fmt.min_subnormal * 1.5, fmt.min_normal):
+        midpoint = torch.tensor(overflow_midpoint(fmt), dtype=torch.int32).view(torch.float32).item()
+        for v in (midpoint, fmt.max, fmt.min_subnormal / 2, fmt.min_subnormal * 1.5, fmt.min_normal):
             edges += [v, float(torch.tensor(v).nextafter(torch.tensor(0.0))), float(torch.tensor(v).nextafter(
                 torch.tensor(float("inf"))))]
     edges = torch.tensor(edges, dtype=torch.float32)
@@ -804,7 +806,7 @@ def aot_specs():
         dict(fmt=E5M2, scaling="mx", transpose=True),
         dict(fmt=E4M3, scaling="tensor", transpose=True, dtype=torch.bfloat16),
     ]
-    specs += [spec(rounding="nearest", hardware=hw, **dict(dict(transpose=False), **case))
+    specs += [spec(rounding="nearest", hardware=hw, **{"transpose": False, **case})
               for case in nearest for hw in (False, True)]
     specs.append(spec(E4M3, "row", "stochastic", False, m=2))  # few rows: 1 x 1024 chunks
     specs.append(launched_spec("quantize_amax[rows,cols]", launch(E4M3, "row", "nearest", True), kernel=_amax_kernel))
