@@ -91,6 +91,23 @@ def test_enhanced_constant_floor():
     scaler = LossScaler("enhanced", init_scale=16.0, growth_interval=3, floor=4.0)
     assert drive(scaler, [T, T, T, T, F, F, F, T]) == [8, 4, 4, 4, 4, 4, 8, 4]
     assert scaler.skipped_steps == 5 and scaler.get_floor() == 4.0
+    # the floor acted where an overflow at the floor would have halved the scale: updates 3 and 4
+    # (the halvings of updates 2 and 8 land on the floor exactly: not raised)
+    assert scaler.floor_raises == 2
+
+
+def test_floor_raises_counts_schedule_rises_and_survives_state_dict():
+    scaler = LossScaler("enhanced", init_scale=16.0, growth_interval=100, floor=[(0, 2.0), (3, 8.0), (6, 32.0)])
+    drive(scaler, [T, T, F])  # 16 -> 8 -> 4, then the floor rises to 8 and lifts the scale: one raise
+    assert scaler.floor_raises == 1
+    restored = LossScaler("enhanced", init_scale=16.0, growth_interval=100, floor=[(0, 2.0), (3, 8.0), (6, 32.0)])
+    restored.load_state_dict(scaler.state_dict())
+    assert restored.floor_raises == 1
+    assert drive(restored, [T, F, F]) == drive(scaler, [T, F, F]) == [8, 8, 32]
+    assert restored.floor_raises == scaler.floor_raises == 3  # the overflow at the floor, then the rise to 32
+    dynamic = LossScaler("dynamic", init_scale=16.0, growth_interval=3)
+    drive(dynamic, DYNAMIC_PATTERN)
+    assert dynamic.floor_raises == 0
 
 
 def test_enhanced_floor_schedule_in_steps():

@@ -48,11 +48,18 @@ def test_smoke_run_writes_every_arm(smoke):
         for r in t["runs"]:
             assert math.isfinite(r["final"]) and r["steps"] == 2 and r["loss_scale"][0][0] == 0
             assert r["curve"] and r["step_time_s"] > 0
+            assert isinstance(r["floor_steps"], list)
             if rconfig.ARMS[r["arm"]].is_fp8:
                 assert r["error_nonzero"] > 0 and 0 <= r["underflow_fraction"] <= 1
                 assert any(v["fp8_calls"] for v in r["layers"].values())
+                # per-layer underflow of the interval: one entry per fp8 layer, a fraction where it cast errors
+                per_layer = r["curve"][-1]["layer_underflow"]
+                fp8 = {k.rsplit(".", 1)[0] for k, v in r["layers"].items() if v["fp8_calls"]}
+                assert set(per_layer) == fp8
+                assert all(f is None or 0 <= f <= 1 for f in per_layer.values())
+                assert any(f is not None for f in per_layer.values())
             else:
-                assert r["underflow_fraction"] is None
+                assert r["underflow_fraction"] is None and r["curve"][-1]["layer_underflow"] is None
         s = t["summary"]
         assert set(s) == set(rconfig.ARM_ORDER) and s["fp32"]["gap_to_fp32"] == 0
         assert s["mellempudi2019"]["fp8_layers"] and "conv1" not in s["mellempudi2019"]["fp8_layers"]
@@ -69,7 +76,7 @@ def test_smoke_run_writes_every_arm(smoke):
     assert f"({result['environment']['cpu_count']} cores" in md
     pytest.importorskip("matplotlib")
     for task in ("fashion-cnn", "text-gpt"):
-        for kind in ("curves", "loss-scale"):
+        for kind in ("curves", "loss-scale", "layer-underflow"):
             assert (out / f"{task}-{kind}.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -229,6 +236,40 @@ def test_presets_and_arms():
     assert a["abl-nearest-grads"].recipe.weight_grad.rounding == "nearest"
     assert a["abl-nearest-master"].master_rounding == "nearest"
     assert [x.name for x in rconfig.select_arms(["hybrid"])] == ["fp32", "hybrid"]
+    # the new arms: a static sweep, the floor that acts, the first / last layers in fp8
+    assert [a[f"fp8+static-ls-2^{k}"].static_scale for k in rconfig.STATIC_SCALE_EXPONENTS] == [
+        2.0**k for k in rconfig.STATIC_SCALE_EXPONENTS]
+    assert a["fp8+enhanced-ls-high"].floor == "high" and a["fp8+enhanced-ls-high"].recipe == a["fp8-vanilla"].recipe
+    everywhere = a["mellempudi2019-all-fp8"].recipe
+    assert not everywhere.keep_first_conv and not everywhere.keep_last_linear
+    assert everywhere.error == a["mellempudi2019"].recipe.error
+    with pytest.raises(ValueError, match="static_scale"):
+        rconfig.Arm("x", "x", recipe=rconfig.VANILLA, loss_scaling="static")
+    with pytest.raises(ValueError, match="floor"):
+        rconfig.Arm("x", "x", recipe=rconfig.VANILLA, loss_scaling="enhanced", floor="low")
+    # per-task arms: the preset's, unless --arms names others; fp32 always
+    for task in rconfig.TASKS:
+        cfg = rconfig.task_config(task, full=True)
+        assert cfg.seeds >= 5
+        names = [x.name for x in rconfig.select_arms(None, cfg)]
+        assert names[0] == "fp32" and {"fp8-vanilla", "mellempudi2019", "mellempudi2019-all-fp8"} <= set(names)
+        assert [x.name for x in rconfig.select_arms(["hybrid"], cfg)] == ["fp32", "hybrid"]
+    assert rconfig.task_config("text-gpt", full=True).n_layers >= 4
+    assert rconfig.task_config("text-gpt", full=True).d_model >= 128
+    with pytest.raises(ValueError, match="unknown arm"):
+        rconfig.task_config("fashion-cnn", arms=("fp7",))
+
+
+def test_scalers_of_the_loss_scaling_arms():
+    cfg = rconfig.task_config("fashion-cnn", ls_floor=2.0**12, ls_high_floor=2.0**20)
+    assert runner.build_scaler(cfg, rconfig.ARMS["fp8-vanilla"]) is None
+    static = runner.build_scaler(cfg, rconfig.ARMS["fp8+static-ls-2^10"])
+    assert static.mode == "static" and static.get_scale() == 2.0**10
+    assert runner.build_scaler(cfg, rconfig.ARMS["fp8+enhanced-ls"]).get_floor() == 2.0**12
+    high = runner.build_scaler(cfg, rconfig.ARMS["fp8+enhanced-ls-high"])
+    assert high.get_floor() == 2.0**20 and high.get_scale() == 2.0**20  # the scale starts at the floor
+    dynamic = runner.build_scaler(cfg, rconfig.ARMS["fp8+dynamic-ls"])
+    assert dynamic.mode == "dynamic" and dynamic.get_scale() == cfg.ls_init_scale
 
 
 # ----------------------------------------------------------------------------
@@ -337,3 +378,71 @@ def test_progress_bar_reports_eta():
     assert "25.0%" in line and "elapsed 0:30" in line and "ETA 1:30" in line and "task/arm" in line
     bar.close()
     assert runner._fmt_time(3725) == "1:02:05" and runner._fmt_time(math.inf) == "--:--"
+
+
+def _with_gaps(s):
+    for v in s.values():
+        v.setdefault("gap_to_fp32", v["mean"] - s["fp32"]["mean"])
+        v.setdefault("rel_gap_to_fp32", (v["mean"] - s["fp32"]["mean"]) / s["fp32"]["mean"])
+    return s
+
+
+def _claim(findings, start):
+    return next(f for f in findings if f["claim"].startswith(start))
+
+
+def test_paper_claims_each_get_a_verdict():
+    cfg = rconfig.task_config("fashion-cnn", ls_high_floor=2.0**22)
+    s = _with_gaps({"fp32": _arm([90.0, 90.2, 90.4]), "mellempudi2019": _arm([90.0, 90.1, 90.3]),
+                    "fp8-vanilla": _arm([80.0, 81.0, 79.0]), "fp8+dynamic-ls": _arm([90.0, 90.2, 90.3]),
+                    "abl-nearest-grads": _arm([89.9, 90.1, 90.2]),
+                    "mellempudi2019-all-fp8": _arm([88.0, 88.3, 88.1]),
+                    "fp8+enhanced-ls-high": {**_arm([90.0, 90.2, 90.3]), "floor_raises_per_run": 0, "steps": 100,
+                                             "skipped_steps": 0}})
+    f = report.findings(cfg, s)
+    assert _claim(f, "vanilla FP8")["holds"] is True and "-10.20 points" in _claim(f, "vanilla FP8")["text"]
+    assert _claim(f, "loss scaling recovers")["holds"] is True
+    assert _claim(f, "stochastic rounding of the errors")["holds"] is False  # -0.07: within the tolerance
+    assert "DOES NOT hold" in _claim(f, "stochastic rounding of the errors")["text"]
+    assert _claim(f, "the first and last layers")["holds"] is True
+    floor = _claim(f, "enhanced loss scaling beats")
+    assert floor["holds"] is None and "never acted" in floor["text"] and "no verdict" in floor["text"]
+    assert not any(x["claim"].startswith("stochastic rounding of the fp16") for x in f)  # its arm did not run
+    s["fp8+enhanced-ls-high"].update(floor_raises_per_run=4.5, floor_first_step=12, floor_last_step=90,
+                                     skipped_steps=4.5)
+    floor = _claim(report.findings(cfg, s), "enhanced loss scaling beats")
+    assert floor["holds"] is False and "raised the scale on 4.5 steps per run" in floor["text"]
+    assert "first at step 12, last at step 90" in floor["text"] and "2^22" in floor["text"]
+
+
+def test_static_sweep_and_text_baseline_notes():
+    cfg = rconfig.task_config("text-gpt")
+    extra = {"underflow_fraction": 0.01, "skipped_steps": 0, "steps": 100, "nonfinite_losses": 0}
+    s = _with_gaps({"fp32": {**_arm([1.50, 1.52, 1.51]), "tail_change": -0.004},
+                    "mellempudi2019": _arm([1.52, 1.53, 1.52]),
+                    "fp8+dynamic-ls": {**_arm([1.52, 1.53, 1.52]), **extra},
+                    "fp8+static-ls-2^10": {**_arm([1.60, 1.62, 1.61]), **extra, "underflow_fraction": 0.4},
+                    "fp8+static-ls-2^22": {**_arm([1.52, 1.53, 1.52]), **extra, "skipped_steps": 7}})
+    f = report.findings(cfg, s)
+    sweep = _claim(f, "static loss-scale sweep")["text"]
+    # per seed -(1.60 - 1.52) / 1.52, -(1.62 - 1.53) / 1.53, -(1.61 - 1.52) / 1.52: mean -5.69%
+    assert "fp8+static-ls-2^10 1.6100 (-5.69% of the loss vs dynamic; underflow 40%, skipped 0 / 100)" in sweep
+    assert "fp8+static-ls-2^22 1.5233 (+0.00% of the loss vs dynamic; underflow 1%, skipped 7 / 100)" in sweep
+    base = _claim(f, "fp32 baseline")["text"]
+    assert "1.5100 +- 0.0100 (0.66% relative), range [1.5000, 1.5200]" in base
+    assert "-0.40% over the last quarter of training (flattened" in base
+    s["fp32"]["tail_change"] = -0.03
+    assert "(still falling" in _claim(report.findings(cfg, s), "fp32 baseline")["text"]
+    # the text task's claims compare relative losses: 5% worse is visibly worse
+    s["fp8-vanilla"] = _arm([1.58, 1.60, 1.59])
+    _with_gaps(s)
+    vanilla = _claim(report.findings(cfg, s), "vanilla FP8")
+    assert vanilla["holds"] is True and "% of the loss" in vanilla["text"]
+
+
+def test_tail_change_of_the_mean_curve():
+    runs = [{"curve": [{"val": v} for v in (3.0, 2.0, 1.6, 1.5, 1.45)]},
+            {"curve": [{"val": v} for v in (3.0, 2.0, 1.6, 1.5, 1.35)]}]
+    # 5 points: the last quarter starts at index 3 (1.5) and ends at 1.4 (the mean of the last points)
+    assert report._tail_change(runs) == pytest.approx((1.4 - 1.5) / 1.5)
+    assert report._tail_change([{"curve": [{"val": 1.0}] * 3}]) is None

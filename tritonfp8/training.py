@@ -353,6 +353,7 @@ class LossScaler:
         self._growth_tracker = 0
         self._iteration = 0
         self._skipped = 0
+        self._floor_raises = 0
         self._last_loss: Optional[torch.Tensor] = None
         self._floor = self._floor_at(0) if mode == "enhanced" else 0.0
         self._scale = max(_f32(init_scale), self._floor)
@@ -456,6 +457,12 @@ class LossScaler:
     def skipped_steps(self) -> int:
         """Number of iterations whose optimizer step was skipped."""
         return self._skipped
+
+    @property
+    def floor_raises(self) -> int:
+        """Enhanced mode: number of update() calls in which the floor raised the scale (the
+        dynamic rule, or a rising floor schedule, would have left it below the floor)."""
+        return self._floor_raises
 
     @property
     def iteration(self) -> int:
@@ -636,12 +643,14 @@ class LossScaler:
     def _apply_rule(self, found: bool) -> None:
         """The mode's scale update for one iteration (see the module docstring)."""
         scale = self._scale
+        raised = False
         if self.mode != "static":
             if found:
                 self._growth_tracker = 0
                 scale = _f32(scale * _f32(self._backoff_factor))
-                if self.mode == "enhanced":
-                    scale = max(scale, self._floor)
+                if self.mode == "enhanced" and scale < self._floor:
+                    scale = self._floor
+                    raised = True
             else:
                 self._growth_tracker += 1
                 if self._growth_tracker >= self._growth_interval:
@@ -657,6 +666,8 @@ class LossScaler:
             if scale < self._floor:
                 scale = self._floor
                 self._growth_tracker = 0
+                raised = True
+        self._floor_raises += raised
         self._set_scale(scale)
 
     # -- state -------------------------------------------------------------------------
@@ -669,7 +680,7 @@ class LossScaler:
             "mode": self.mode, "scale": self._scale, "growth_factor": self._growth_factor,
             "backoff_factor": self._backoff_factor, "growth_interval": self._growth_interval,
             "growth_tracker": self._growth_tracker, "iteration": self._iteration, "floor": self._floor,
-            "skipped_steps": self._skipped, "max_scale": self._max_scale,
+            "skipped_steps": self._skipped, "max_scale": self._max_scale, "floor_raises": self._floor_raises,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -687,6 +698,7 @@ class LossScaler:
         self._iteration = int(state_dict["iteration"])
         self._floor = float(state_dict["floor"])
         self._skipped = int(state_dict["skipped_steps"])
+        self._floor_raises = int(state_dict.get("floor_raises", 0))  # absent in checkpoints before it was counted
         self._max_scale = state_dict["max_scale"]
         self._scale_cache.clear()
         self._scale = _f32(state_dict["scale"])

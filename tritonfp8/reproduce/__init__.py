@@ -17,8 +17,8 @@ fp8), ``results.json`` (every number, the exact configuration, versions) and PNG
 plots of the curves and the loss-scale trajectories.
 
 Without options it runs the quick configuration (``fashion-cnn`` and ``text-gpt``,
-one seed, a fraction of an epoch; about 10 minutes on 2 CPU cores); ``--full`` runs
-3 seeds and longer schedules. CPU tensors run the PyTorch reference of every fp8 op,
+one seed, a fraction of an epoch; about 3 minutes on 2 CPU cores); ``--full`` runs
+5 seeds, longer schedules and deeper models (see ``config.PRESETS``). CPU tensors run the PyTorch reference of every fp8 op,
 CUDA tensors the Triton kernels (``--device``), with the same numerics.
 """
 from __future__ import annotations
@@ -49,10 +49,11 @@ def build_parser(prog: str = "python -m tritonfp8 reproduce") -> argparse.Argume
                    help=f"{', '.join(TASKS)} (repeatable; default: {' and '.join(DEFAULT_TASKS)})")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="the quick configuration (the default)")
-    mode.add_argument("--full", action="store_true", help="the full configuration (3 seeds, longer schedules)")
+    mode.add_argument("--full", action="store_true", help="the full configuration (5 seeds, longer schedules, deeper models)")
     p.add_argument("--epochs", type=int, help="epochs per run (text-gpt: blocks of steps_per_epoch steps)")
     p.add_argument("--seeds", type=int, help="seeds 0..S-1 per arm")
-    p.add_argument("--arms", help="comma-separated subset of the arms (fp32 is always included)")
+    p.add_argument("--arms", help="comma-separated subset of the arms for every task (fp32 is always included; "
+                                  "default: each task's preset arms)")
     p.add_argument("--out", help="output directory (default: ./reproduce-<date>-<time>)")
     p.add_argument("--data-dir", help="directory with the Fashion-MNIST IDX files (default: $TRITONFP8_FASHION_MNIST, "
                                       "then /usr/share/datasets/fashion-mnist)")
@@ -82,13 +83,14 @@ def reproduce(tasks: list[TaskConfig], arm_names: Optional[list[str]], out: Path
     from . import report, runner
     from .tasks import dataset_description
 
-    arms = select_arms(arm_names)
+    arms_of = {cfg.task: select_arms(arm_names, cfg) for cfg in tasks}
+    arms = [ARMS[n] for n in ARM_ORDER if any(a.name == n for task_arms in arms_of.values() for a in task_arms)]
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     env = report.environment(tasks[0].device)
     datasets = {cfg.task: dataset_description(cfg) for cfg in tasks}  # fails early if data is missing
-    jobs = [(cfg, arm, seed) for cfg in tasks for arm in arms for seed in range(cfg.seeds)]
+    jobs = [(cfg, arm, seed) for cfg in tasks for arm in arms_of[cfg.task] for seed in range(cfg.seeds)]
     # Every finished run is saved under out/runs/, keyed by its exact configuration, so an
     # interrupted invocation resumes where it stopped (delete the directory to start afresh).
     run_dir = out / "runs"
@@ -99,7 +101,7 @@ def reproduce(tasks: list[TaskConfig], arm_names: Optional[list[str]], out: Path
     cores = os.cpu_count() or 1
     workers = max(1, min(workers, len(todo) or 1))
     threads = threads or max(1, cores // workers)
-    print(f"reproduce: {len(jobs)} runs ({', '.join(c.task for c in tasks)}; {len(arms)} arms"
+    print(f"reproduce: {len(jobs)} runs ({', '.join(f'{c.task}: {len(arms_of[c.task])} arms' for c in tasks)}"
           f"{f'; {len(jobs) - len(todo)} resumed from {run_dir}' if len(todo) < len(jobs) else ''}; "
           f"{workers} worker(s) x {threads} thread(s); backend {env['backend']}) -> {out}", file=sys.stderr)
 

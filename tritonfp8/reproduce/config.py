@@ -24,6 +24,12 @@ clean steps instead of GradScaler's 2000, because these runs are 200 to 1,000 st
 long: with 2000 the scale could never grow, so dynamic scaling would only ever back
 off and the two loss-scaling arms could not differ. Enhanced scaling adds the
 constant floor 2**13 (the library's default; Mellempudi et al. do not publish theirs).
+In these tasks the dynamic scale never falls below its start (it grows to 2**19-2**24
+before an overflow halves it), so that floor never acts; the arm ``fp8+enhanced-ls-high``
+puts the floor at ``ls_high_floor`` = 2**22, one power of two below where the 2-layer
+runs of 2026-11-29 first overflowed, so that overflows reach it and it acts (the report
+counts on how many steps). The static sweep (``fp8+static-ls-2^k``, k in
+STATIC_SCALE_EXPONENTS) brackets the dynamic start: 2**10, 2**16, 2**22.
 """
 from __future__ import annotations
 
@@ -60,6 +66,9 @@ class Arm:
             (layers kept in high precision, norms and embeddings always keep fp32 masters,
             because their high-precision products take fp32 inputs).
         master_rounding: "stochastic" or "nearest": how the fp32 update is written to fp16 masters.
+        static_scale: static mode's fixed loss scale.
+        floor: enhanced mode's floor: "default" (the task's ``ls_floor``) or "high" (its
+            ``ls_high_floor``, set where the floor acts).
     """
 
     name: str
@@ -69,6 +78,14 @@ class Arm:
     loss_scaling: Optional[str] = None
     master_dtype: str = "float32"
     master_rounding: str = "stochastic"
+    static_scale: Optional[float] = None
+    floor: str = "default"
+
+    def __post_init__(self):
+        if (self.loss_scaling == "static") != (self.static_scale is not None):
+            raise ValueError(f"arm {self.name!r}: static_scale goes with loss_scaling='static' (and only with it)")
+        if self.floor not in ("default", "high"):
+            raise ValueError(f"arm {self.name!r}: floor must be 'default' or 'high', got {self.floor!r}")
 
     @property
     def is_fp8(self) -> bool:
@@ -89,6 +106,8 @@ def recipe_dict(recipe: Recipe) -> dict:
 
 
 _FULL = RECIPES["mellempudi2019"]
+# The static loss-scale sweep: below, at and above where dynamic scaling starts (2**16).
+STATIC_SCALE_EXPONENTS = (10, 16, 22)
 
 ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("fp32", "fp32 everywhere (the baseline)"),
@@ -97,8 +116,16 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("fp8+dynamic-ls", "vanilla + dynamic loss scaling", recipe=VANILLA, loss_scaling="dynamic"),
     Arm("fp8+enhanced-ls", "vanilla + enhanced loss scaling (dynamic, never below the floor ls_floor)", recipe=VANILLA,
         loss_scaling="enhanced"),
+    Arm("fp8+enhanced-ls-high", "vanilla + enhanced loss scaling with the floor raised to ls_high_floor, where "
+        "overflows reach it (the floor acts)", recipe=VANILLA, loss_scaling="enhanced", floor="high"),
+    *(Arm(f"fp8+static-ls-2^{k}", f"vanilla + a static loss scale of 2^{k}", recipe=VANILLA, loss_scaling="static",
+          static_scale=2.0**k) for k in STATIC_SCALE_EXPONENTS),
     Arm("mellempudi2019", "full recipe: enhanced LS, stochastic errors and weight grads, fp16 masters with "
         "stochastic update", recipe=_FULL, loss_scaling="enhanced", master_dtype="float16"),
+    Arm("mellempudi2019-all-fp8", "full recipe with the first conv and the last linear in fp8 too (the paper keeps "
+        "them in 16 bits)", recipe=_FULL.with_(name="mellempudi2019-all-fp8", keep_first_conv=False,
+                                               keep_last_linear=False),
+        loss_scaling="enhanced", master_dtype="float16"),
     Arm("abl-nearest-grads", "full recipe but errors and weight grads rounded to nearest", recipe=VANILLA.with_(
         name="mellempudi2019-nearest-grads"), loss_scaling="enhanced", master_dtype="float16"),
     Arm("abl-nearest-master", "full recipe but fp16 master weights updated with round-to-nearest", recipe=_FULL,
@@ -151,6 +178,8 @@ class TaskConfig:
     ls_init_scale: float = 2.0**16
     ls_growth_interval: int = 100
     ls_floor: float = 2.0**13         # enhanced mode's constant floor
+    ls_high_floor: float = 2.0**22    # the floor of the arm whose floor acts (fp8+enhanced-ls-high)
+    arms: tuple = ()                  # the arms this task runs (empty: every arm; --arms overrides)
     device: str = "cpu"               # "cpu" (reference backend) or "cuda" (Triton kernels)
 
     def __post_init__(self):
@@ -162,6 +191,10 @@ class TaskConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         self.betas = tuple(self.betas)
         self.cnn_channels = tuple(self.cnn_channels)
+        self.arms = tuple(self.arms)
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown:
+            raise ValueError(f"unknown arm(s) {unknown} in arms=; use some of {list(ARMS)}")
 
     @property
     def metric(self) -> str:
@@ -171,25 +204,31 @@ class TaskConfig:
         return dataclasses.asdict(self)
 
 
-# Per task: the quick configuration (the default: about 10 minutes on 2 CPU cores for the
-# default tasks) and the full one (--full).
+# Per task: the quick configuration (the default: about 3 minutes on 2 CPU cores for the
+# default tasks) and the full one (--full: about 75 minutes on 2 cores for all three tasks).
+# The full runs are sized for a 2-core CPU running the reference backend: 5 seeds each; the
+# CNN runs every arm; the ResNet (ResNet-20: 3 BasicBlocks per stage) and the 4-layer text
+# model, which cost 4-15x more per step, run the arms that the paper's claims need.
+_CLAIM_ARMS = ("fp32", "fp8-vanilla", "fp8+dynamic-ls", "mellempudi2019", "mellempudi2019-all-fp8",
+               "abl-nearest-grads")
 PRESETS: dict[str, dict[str, dict]] = {
     "fashion-cnn": {
         "quick": dict(epochs=1, seeds=1, train_size=25600, evals_per_epoch=4, curve_eval_size=1000, test_size=10000),
-        "full": dict(epochs=2, seeds=3),
+        "full": dict(epochs=3, seeds=5, train_size=25600, evals_per_epoch=4),
     },
     "fashion-resnet": {
         "quick": dict(epochs=1, seeds=1, train_size=6400, evals_per_epoch=2, curve_eval_size=500, test_size=2000),
-        "full": dict(epochs=2, seeds=3),
+        "full": dict(epochs=3, seeds=5, train_size=10240, resnet_blocks=3, evals_per_epoch=2, curve_eval_size=1000,
+                     arms=_CLAIM_ARMS),
     },
     "text-gpt": {
         "quick": dict(epochs=1, seeds=1, steps_per_epoch=200, evals_per_epoch=4, val_windows=64, optimizer="adamw",
                       lr=3e-3, weight_decay=0.01, batch_size=16, min_lr_fraction=0.1, warmup_steps=20),
-        "full": dict(epochs=4, seeds=3, steps_per_epoch=250, optimizer="adamw", lr=3e-3, weight_decay=0.01,
-                     batch_size=16, min_lr_fraction=0.1, warmup_steps=50),
+        "full": dict(epochs=3, seeds=5, steps_per_epoch=200, n_layers=4, d_model=128, optimizer="adamw", lr=2e-3,
+                     weight_decay=0.01, batch_size=16, min_lr_fraction=0.1, warmup_steps=80, evals_per_epoch=4,
+                     arms=(*_CLAIM_ARMS, "fp8+enhanced-ls-high", "abl-nearest-master")),
     },
 }
-QUICK_ARMS = {"fashion-cnn": ARM_ORDER, "fashion-resnet": ARM_ORDER, "text-gpt": ARM_ORDER}
 
 
 def task_config(task: str, full: bool = False, **overrides) -> TaskConfig:
@@ -219,7 +258,10 @@ def parse_override(text: str) -> tuple[str, object]:
     return key, value
 
 
-def select_arms(names: Optional[list[str]]) -> list[Arm]:
+def select_arms(names: Optional[list[str]], cfg: Optional[TaskConfig] = None) -> list[Arm]:
+    """The arms to run: ``names`` (the --arms option) if given, else ``cfg.arms``, else every arm;
+    fp32 is always included, and the order is :data:`ARM_ORDER`'s."""
+    names = list(names or (cfg.arms if cfg is not None else ()))
     if not names:
         return [ARMS[n] for n in ARM_ORDER]
     unknown = [n for n in names if n not in ARMS]
@@ -230,5 +272,5 @@ def select_arms(names: Optional[list[str]]) -> list[Arm]:
     return [ARMS[n] for n in ARM_ORDER if n in names]
 
 
-__all__ = ["Arm", "ARMS", "ARM_ORDER", "TaskConfig", "TASKS", "DEFAULT_TASKS", "PRESETS", "VANILLA",
+__all__ = ["Arm", "ARMS", "ARM_ORDER", "TaskConfig", "TASKS", "DEFAULT_TASKS", "PRESETS", "VANILLA", "STATIC_SCALE_EXPONENTS",
            "task_config", "parse_override", "select_arms", "recipe_dict"]

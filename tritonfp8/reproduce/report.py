@@ -70,8 +70,25 @@ def summarize(cfg: TaskConfig, runs: list[dict]) -> dict:
             "step_cpu_vs_fp32": cpu / base_cpu if base_cpu else math.nan,
             "final_scale": [r["final_scale"] for r in rs],
             "min_scale": min((scale for r in rs for _, scale in r.get("loss_scale", [])), default=None),
+            "floor_raises_per_run": _mean([len(r.get("floor_steps", [])) for r in rs]),
+            "floor_first_step": min((st for r in rs for st in r.get("floor_steps", [])), default=None),
+            "floor_last_step": max((st for r in rs for st in r.get("floor_steps", [])), default=None),
+            "tail_change": _tail_change(rs),
         }
     return out
+
+
+def _tail_change(rs: list[dict]) -> Optional[float]:
+    """Relative change of the mean validation curve over the last quarter of training (None
+    with fewer than 4 curve points): how flat the curve is at the end."""
+    curves = [r["curve"] for r in rs if len(r.get("curve", [])) >= 4]
+    if not curves or any(len(c) != len(curves[0]) for c in curves):
+        return None
+    points = len(curves[0])
+    start = points - 1 - max(1, points // 4)
+    first = _mean([c[start]["val"] for c in curves])
+    last = _mean([c[-1]["val"] for c in curves])
+    return (last - first) / first if first else None
 
 
 def _diff_se(a: dict, b: dict) -> float:
@@ -178,15 +195,7 @@ def findings(cfg: TaskConfig, summary: dict) -> list[dict]:
                                 f"{'holds' if holds else 'DOES NOT hold'}"
                                 + (f" (per seed {', '.join(f'{100 * (x - y) / y:+.2f}%' for x, y in _pairs(full, fp32))})"
                                    if n > 1 else "") + "."})
-        if full:
-            lines = []
-            for name in ABLATIONS:
-                a = summary.get(name)
-                if a is not None:
-                    lines.append(f"{name} {a['mean']:.4f} ({100 * a['rel_gap_to_fp32']:+.2f}% vs fp32)")
-            if lines:
-                out.append({"claim": "ablations on the text task (for information)", "holds": None,
-                            "text": "; ".join(lines) + "."})
+    out += paper_claims(cfg, summary)
     dyn, enh = summary.get("fp8+dynamic-ls"), summary.get("fp8+enhanced-ls")
     if dyn and enh and dyn.get("min_scale") is not None:
         same = dyn["finals"] == enh["finals"]
@@ -199,6 +208,107 @@ def findings(cfg: TaskConfig, summary: dict) -> list[dict]:
                     f"{'below' if floor_hit else 'never below'} the enhanced floor 2^{math.log2(cfg.ls_floor):g}"
                     + ("" if floor_hit else ", so the floor never acted in this configuration") + ".",
         })
+    return out
+
+
+# The seed paper's claims, each as (claim, arm, reference, direction): "worse" holds when the arm
+# is visibly worse than the reference, "better" when visibly better.
+CLAIMS = (
+    ("vanilla FP8 (E5M2 for every role, round to nearest, no loss scaling) is visibly worse than fp32",
+     "fp8-vanilla", "fp32", "worse"),
+    ("loss scaling recovers what vanilla FP8 loses: dynamic loss scaling visibly better than vanilla",
+     "fp8+dynamic-ls", "fp8-vanilla", "better"),
+    ("stochastic rounding of the errors and weight gradients matters: round-to-nearest visibly worse than the "
+     "full recipe", "abl-nearest-grads", FULL, "worse"),
+    ("stochastic rounding of the fp16 master-weight update matters: round-to-nearest visibly worse than the full "
+     "recipe", "abl-nearest-master", FULL, "worse"),
+    ("the first and last layers need 16 bits: the full recipe with them in fp8 too is visibly worse",
+     "mellempudi2019-all-fp8", FULL, "worse"),
+    ("enhanced loss scaling beats plain dynamic scaling where its floor acts: visibly better",
+     "fp8+enhanced-ls-high", "fp8+dynamic-ls", "better"),
+)
+
+
+def compare(metric: str, a: dict, b: dict) -> dict:
+    """``a`` against ``b`` per seed: 'diff' (points of accuracy, or % of b's validation loss; positive
+    is better for ``a``), its paired SE, the paired 95% CI, the per-seed values, and whether ``a`` is
+    'visibly' better / worse (beyond the tolerance and, with 2+ seeds, 2 paired standard errors)."""
+    if metric == "test_acc":
+        per_seed, tol = _per_seed(a, b), ACC_TOLERANCE
+    else:
+        per_seed, tol = [-100 * (x - y) / y for x, y in _pairs(a, b)], 100 * LOSS_TOLERANCE
+    n = len(per_seed)
+    diff = statistics.fmean(per_seed) if per_seed else math.nan
+    se = statistics.stdev(per_seed) / math.sqrt(n) if n > 1 else 0.0
+    beyond = lambda d: abs(d) > tol and (n < 2 or abs(d) > VISIBLE_SE * se)  # noqa: E731
+    return {"diff": diff, "se": se, "n": n, "ci": paired_ci(per_seed), "per_seed": per_seed,
+            "better": diff > 0 and beyond(diff), "worse": diff < 0 and beyond(diff), "tolerance": tol}
+
+
+def _fmt_compare(metric: str, c: dict) -> str:
+    unit = " points" if metric == "test_acc" else "% of the loss"
+    text = f"{c['diff']:+.2f}{unit} (positive: better)"
+    if c["n"] > 1:
+        text += (f", paired SE {c['se']:.2f}{_fmt_ci(c['ci'])}; per seed "
+                 + ", ".join(f"{x:+.2f}" for x in c["per_seed"]))
+    return text
+
+
+def _value(metric: str, s: dict) -> str:
+    return f"{s['mean']:.2f}%" if metric == "test_acc" else f"{s['mean']:.4f}"
+
+
+def paper_claims(cfg: TaskConfig, summary: dict) -> list[dict]:
+    """Each claim of :data:`CLAIMS` whose arms ran, and the static loss-scale sweep, the floor's
+    action and (text) the fp32 spread and the curve's flatness as notes."""
+    metric, out = cfg.metric, []
+    n_seeds = len(summary["fp32"]["finals"]) if "fp32" in summary else 0
+    few = f" Only {n_seeds} seed(s): a claim needs at least 3 (use --full)." if n_seeds < 3 else ""
+    for claim, arm, ref, direction in CLAIMS:
+        a, b = summary.get(arm), summary.get(ref)
+        if a is None or b is None:
+            continue
+        c = compare(metric, a, b)
+        holds = c[direction]
+        note = ""
+        if arm == "fp8+enhanced-ls-high":
+            acted = a.get("floor_raises_per_run")
+            if not acted:
+                holds = None
+                note = f" The floor 2^{math.log2(cfg.ls_high_floor):g} never acted, so this says nothing about it."
+            else:
+                note = (f" The floor 2^{math.log2(cfg.ls_high_floor):g} raised the scale on {acted:.1f} steps per run "
+                        f"(of {a['steps']}; {a['skipped_steps']:.1f} steps skipped per run), first at step "
+                        f"{a['floor_first_step']}, last at step {a['floor_last_step']} over the seeds.")
+        verdict = {True: "holds", False: "DOES NOT hold", None: "no verdict"}[holds]
+        text = (f"{arm} {_value(metric, a)} vs {ref} {_value(metric, b)}: {_fmt_compare(metric, c)}; "
+                f"threshold {c['tolerance']:g}{' points' if metric == 'test_acc' else '%'}"
+                f"{' and 2 paired SE' if c['n'] > 1 else ''} -> {verdict}.{note}")
+        out.append({"claim": claim, "holds": holds, "text": text + few})
+    dyn = summary.get("fp8+dynamic-ls")
+    sweep = [(name, s) for name, s in summary.items() if name.startswith("fp8+static-ls")]
+    if sweep and dyn:
+        parts = []
+        for name, s in sweep:
+            c = compare(metric, s, dyn)
+            parts.append(f"{name} {_value(metric, s)} ({_fmt_compare(metric, c).split(' (')[0]} vs dynamic; "
+                         f"underflow {_fmt_frac(s['underflow_fraction'])}, skipped {s['skipped_steps']:.0f} / "
+                         f"{s['steps']}{', ' + str(s['nonfinite_losses']) + ' non-finite losses' if s['nonfinite_losses'] else ''})")
+        out.append({"claim": "static loss-scale sweep against dynamic scaling (for information)", "holds": None,
+                    "text": f"fp8+dynamic-ls {_value(metric, dyn)} (underflow {_fmt_frac(dyn['underflow_fraction'])}); "
+                            + "; ".join(parts) + "."})
+    fp32 = summary.get("fp32")
+    if metric == "val_loss" and fp32:
+        spread = (f"fp32 over {n_seeds} seeds: {fp32['mean']:.4f} +- {fp32['std']:.4f} "
+                  f"({100 * fp32['std'] / fp32['mean']:.2f}% relative), range [{min(fp32['finals']):.4f}, "
+                  f"{max(fp32['finals']):.4f}]")
+        tail = fp32.get("tail_change")
+        if tail is not None:
+            spread += (f"; the mean validation loss changed by {100 * tail:+.2f}% over the last quarter of training "
+                       f"({'flattened' if abs(tail) < 0.01 else 'still falling' if tail < 0 else 'rising'}: "
+                       "'flattened' is under 1%)")
+        out.append({"claim": "fp32 baseline's stability across seeds and convergence (for information)", "holds": None,
+                    "text": spread + "."})
     return out
 
 
@@ -505,4 +615,48 @@ def plots(task: str, runs: list[dict], summary: dict, out_dir: Path) -> list[str
     fig.savefig(out_dir / name, dpi=90)
     plt.close(fig)
     files.append(name)
+    name = _layer_underflow_plot(task, by_arm, out_dir, plt)
+    if name:
+        files.append(name)
     return files
+
+
+# the arms whose per-layer underflow is plotted, where they ran
+UNDERFLOW_PLOT_ARMS = ("fp8-vanilla", "fp8+dynamic-ls", "fp8+static-ls-2^10", "mellempudi2019", "mellempudi2019-all-fp8",
+                       "hybrid")
+
+
+def _layer_underflow_plot(task: str, by_arm: dict, out_dir: Path, plt) -> Optional[str]:
+    """One panel per arm of :data:`UNDERFLOW_PLOT_ARMS`: each fp8 layer's share of nonzero error
+    values flushed to zero in each evaluation interval, mean over seeds."""
+    arms = [a for a in UNDERFLOW_PLOT_ARMS if a in by_arm and by_arm[a][0]["curve"]
+            and by_arm[a][0]["curve"][0].get("layer_underflow")]
+    if not arms:
+        return None
+    cols = min(3, len(arms))
+    rows = math.ceil(len(arms) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False, sharey=True)
+    for ax, arm in zip(axes.flat, arms):
+        rs = by_arm[arm]
+        layers = list(rs[0]["curve"][0]["layer_underflow"])
+        steps = [p["step"] for p in rs[0]["curve"]]
+        for layer in layers:
+            ys = []
+            for i in range(len(steps)):
+                xs = [r["curve"][i]["layer_underflow"].get(layer) for r in rs if i < len(r["curve"])]
+                xs = [x for x in xs if x is not None]
+                ys.append(_mean(xs) if xs else math.nan)
+            ax.plot(steps, [max(y, 1e-7) for y in ys], marker="o", ms=2, lw=1, label=layer)
+        ax.set_yscale("log")
+        ax.set_title(arm, fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=5, ncol=2)
+    for ax in list(axes.flat)[len(arms):]:
+        ax.axis("off")
+    fig.suptitle(f"{task}: error values flushed to zero per fp8 layer (fraction of nonzero, per evaluation "
+                 f"interval, mean over seeds; floored at 1e-7)", fontsize=10)
+    fig.tight_layout()
+    name = f"{task}-layer-underflow.png"
+    fig.savefig(out_dir / name, dpi=90)
+    plt.close(fig)
+    return name

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..nn.state import ROLES
 from ..trainer import Trainer
 from ..training import LossScaler
 from . import tasks
@@ -27,10 +28,14 @@ _STEP_COST = {
                  "blockwise": 0.23},
 }
 _DEFAULT_STEP_COST = {"fashion-cnn": 0.2, "fashion-resnet": 2.0, "text-gpt": 0.3}
+# arms that cost what another arm costs (they change only the loss scaling or which layers run in fp8)
+_COSTS_LIKE = {"fp8+enhanced-ls-high": "fp8+enhanced-ls", "mellempudi2019-all-fp8": "mellempudi2019",
+               **{name: "fp8+dynamic-ls" for name in ARMS if name.startswith("fp8+static-ls")}}
 
 
 def _step_cost(cfg: TaskConfig, arm: Arm) -> float:
-    return _STEP_COST.get(cfg.task, {}).get(arm.name, _DEFAULT_STEP_COST.get(cfg.task, 0.3))
+    name = _COSTS_LIKE.get(arm.name, arm.name)
+    return _STEP_COST.get(cfg.task, {}).get(name, _DEFAULT_STEP_COST.get(cfg.task, 0.3))
 
 
 def run_cost(cfg: TaskConfig, arm: Arm) -> float:
@@ -46,6 +51,47 @@ def _eval_units(cfg: TaskConfig) -> float:
         return (cfg.epochs * cfg.evals_per_epoch + 1) * per_eval / 3
     per_eval = min(cfg.curve_eval_size, cfg.val_size or cfg.test_size) / cfg.batch_size
     return (cfg.epochs * cfg.evals_per_epoch * per_eval + cfg.test_size / cfg.batch_size) / 3
+
+
+def build_scaler(cfg: TaskConfig, arm: Arm) -> Optional[LossScaler]:
+    """The arm's tf8.LossScaler with the task's settings (None without loss scaling)."""
+    if arm.loss_scaling is None:
+        return None
+    if arm.loss_scaling == "static":
+        return LossScaler("static", init_scale=arm.static_scale)
+    extra = {}
+    if arm.loss_scaling == "enhanced":
+        extra["floor"] = cfg.ls_high_floor if arm.floor == "high" else cfg.ls_floor
+    return LossScaler(arm.loss_scaling, init_scale=cfg.ls_init_scale, growth_interval=cfg.ls_growth_interval, **extra)
+
+
+class LayerErrorCounts:
+    """Per fp8 layer, the error values its casts flushed to zero between two calls of
+    :meth:`interval_underflow` (from the autocast's per-layer cast counts, cumulative on the device)."""
+
+    _ERROR = ROLES.index("error")
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.last: dict[str, tuple[int, int]] = {}
+
+    def interval_underflow(self) -> Optional[dict[str, Optional[float]]]:
+        """{layer: flushed / nonzero error values since the last call (None where none were nonzero)};
+        None without an fp8 recipe."""
+        ac = self.trainer.autocast
+        if ac is None:
+            return None
+        rows = [(name.rsplit(".", 1)[0] if name.endswith(".weight") else name, r.state)
+                for name, r in ac.summary().items() if r.state is not None and r.state.cast_counts is not None]
+        if not rows:
+            return {}
+        counts = torch.stack([state.cast_counts[self._ERROR, :2].cpu() for _, state in rows]).tolist()
+        out = {}
+        for (name, _), (nonzero, flushed) in zip(rows, counts):
+            n0, f0 = self.last.get(name, (0, 0))
+            self.last[name] = (nonzero, flushed)
+            out[name] = (flushed - f0) / (nonzero - n0) if nonzero > n0 else None
+        return out
 
 
 def _median(xs):
@@ -65,11 +111,7 @@ def run_one(cfg: TaskConfig, arm: Arm, seed: int, progress: Optional[Callable[[f
     model = tasks.build_model(cfg).to(device)
     layers = tasks.probe_fp8_layers(model, arm, tasks.sample_input(cfg).to(device))
     opt = tasks.build_optimizer(model, cfg, arm, layers, seed)
-    scaler = None
-    if arm.loss_scaling:
-        extra = {"floor": cfg.ls_floor} if arm.loss_scaling == "enhanced" else {}
-        scaler = LossScaler(arm.loss_scaling, init_scale=cfg.ls_init_scale, growth_interval=cfg.ls_growth_interval,
-                            **extra)
+    scaler = build_scaler(cfg, arm)
     amp = getattr(torch, arm.amp_dtype) if arm.amp_dtype else None
     trainer = Trainer(model, opt, recipe=arm.recipe, scaler=scaler, loss_fn=tasks.loss_fn(cfg), amp_dtype=amp)
     torch.manual_seed(seed + 7919)  # the fp8 layers' stochastic-rounding seeds come from torch's RNG
@@ -82,7 +124,8 @@ def run_one(cfg: TaskConfig, arm: Arm, seed: int, progress: Optional[Callable[[f
     cost = _step_cost(cfg, arm)
     eval_unit = _eval_units(cfg) / max(1, len(eval_at) + 1) * cost
 
-    scales, losses, step_wall, step_cpu = [], [], [], []
+    scales, losses, step_wall, step_cpu, floor_steps = [], [], [], [], []
+    layer_errors = LayerErrorCounts(trainer)
     curve = []
     interval = dict(loss=0.0, n=0, correct=0, seen=0, nonzero=0, underflow=0, values=0, saturated=0, skipped=0)
     totals = dict(nonzero=0, underflow=0, values=0, saturated=0, skipped=0, nonfinite_loss=0)
@@ -95,8 +138,11 @@ def run_one(cfg: TaskConfig, arm: Arm, seed: int, progress: Optional[Callable[[f
             for g in opt.param_groups:
                 g["lr"] = tasks.lr_at(cfg, step, total)
             w0, c0 = time.perf_counter(), time.process_time()
+            raises = scaler.floor_raises if scaler is not None else 0
             r = trainer.step((x, y))
             dw, dc = time.perf_counter() - w0, time.process_time() - c0
+            if scaler is not None and scaler.floor_raises > raises:
+                floor_steps.append(step)
             train_wall += dw
             step_wall.append(dw)
             step_cpu.append(dc)
@@ -125,6 +171,7 @@ def run_one(cfg: TaskConfig, arm: Arm, seed: int, progress: Optional[Callable[[f
                     "val": val, "scale": r.next_scale, "skipped": interval["skipped"],
                     "underflow_fraction": interval["underflow"] / interval["nonzero"] if interval["nonzero"] else None,
                     "saturation_fraction": interval["saturated"] / interval["values"] if interval["values"] else None,
+                    "layer_underflow": layer_errors.interval_underflow(),
                 })
                 interval = {k: 0 if isinstance(v, int) else 0.0 for k, v in interval.items()}
                 done_units += eval_unit
@@ -150,6 +197,8 @@ def run_one(cfg: TaskConfig, arm: Arm, seed: int, progress: Optional[Callable[[f
         "underflow_fraction": totals["underflow"] / totals["nonzero"] if totals["nonzero"] else None,
         "saturation_fraction": totals["saturated"] / totals["values"] if totals["values"] else None,
         "final_scale": scaler.get_scale() if scaler is not None else None,
+        # steps whose scaler update the enhanced floor raised (the dynamic rule would have gone below it)
+        "floor_steps": floor_steps,
         "layers": trainer.precision_summary() or layers,
         "master_dtypes": {name: str(p.dtype).replace("torch.", "") for name, p in model.named_parameters()},
         "step_time_s": _median(step_wall[warm]), "step_cpu_s": _median(step_cpu[warm]),
