@@ -134,3 +134,63 @@ def test_the_hardware_path_is_used_only_where_it_is_exact():
     meta = q.quantize_meta(tf8.E4M3, tf8.Scaling.parse("tensor"), "nearest", True, False, False, 0, False,
                            hardware_nearest=True)
     assert meta["HW_NEAREST"]
+
+
+def _fast_nearest_input(fmt, scale: float, rows: int = 128, cols: int = 128) -> torch.Tensor:
+    """x [rows, cols]: values of the format's grid times ``scale`` (so x / scale is on the grid,
+    where the interpreter's conversion is exact), and in rows 40-43 (one chunk of 32 rows) an
+    overflow each way, an Inf and a NaN."""
+    grid = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fmt.torch_dtype).float()
+    grid = grid[torch.isfinite(grid)]
+    g = torch.Generator().manual_seed(0)
+    x = grid[torch.randint(0, grid.numel(), (rows, cols), generator=g)] * scale
+    x[40, 5], x[41, 6], x[42, 7], x[43, 8] = fmt.max * 4 * scale, float("inf"), float("nan"), -fmt.max * 4 * scale
+    return x
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["", "+T"])
+@pytest.mark.parametrize("scaling", ["none", "tensor"])
+@pytest.mark.parametrize("fmt", [tf8.E4M3, tf8.E5M2], ids=["e4m3", "e5m2"])
+def test_fast_nearest_chunks_store_the_bare_conversion_and_the_rest_fix_up(fmt, scaling, transpose):
+    """The FAST_NEAREST path (hardware nearest, no or one tensor scale), interpreted: chunks whose
+    scaled max is below the overflow midpoint store the bare conversion, the chunk with an
+    overflow, Inf and NaN takes the fix-ups. On values that stay on the grid the interpreter's
+    conversion is exact, so the codes, the overflow counts and the amax must equal the
+    reference's, and the transposed copy must be the transpose of the codes."""
+    scale = torch.tensor(2.0**-3) if scaling == "tensor" else None  # a power of two: x / scale stays on the grid
+    x = _fast_nearest_input(fmt, 1.0 if scale is None else scale.item())
+    sc = tf8.Scaling.parse(scaling)
+    meta = q.quantize_meta(fmt, sc, "nearest", True, transpose, scale is not None, 0, False, *x.shape,
+                           hardware_nearest=True)
+    assert meta["HW_NEAREST"] and meta["CHUNK_M"] * meta["TILE_K"] == q.FAST_CHUNK_ELEMENTS
+    dev = x.to(KERNEL_DEVICE)
+    got = q._quantize_triton(dev, fmt, "nearest", sc, 0, True, transpose, None if scale is None else
+                             scale.to(KERNEL_DEVICE), 0, False, hardware=True)
+    want = q.quantize_reference(x, fmt, "nearest", sc, 0, True, transpose, scale, 0, False)
+    codes, want_codes = got[0].cpu().view(torch.uint8), want[0].view(torch.uint8)
+    on_grid = torch.isfinite(x) & (x.abs() <= fmt.max * (1.0 if scale is None else scale.item()))
+    assert torch.equal(codes[on_grid], want_codes[on_grid])
+    inf_nan = ~torch.isfinite(x)  # the fix-ups decide these
+    assert torch.equal(codes[inf_nan], want_codes[inf_nan])
+    assert torch.equal(got[3].cpu(), want[3]) and got[3][0] == 2  # two overflows, counted by the slow chunk
+    if scaling == "none":
+        assert got[2].item() == float("inf") == want[2].item()  # the amax, NaN counted as inf
+    if transpose:
+        assert torch.equal(got[4].cpu().view(torch.uint8), codes.t())
+
+
+def test_the_probe_takes_both_paths_of_fast_nearest():
+    """The probe (every bf16 pattern) reaches chunks without and with fix-ups in both formats."""
+    x = q._nearest_probe_values()
+    for fmt in (tf8.E4M3, tf8.E5M2):
+        meta = q.quantize_meta(fmt, tf8.Scaling.parse("none"), "nearest", True, False, False, 0, False, *x.shape,
+                               hardware_nearest=True)
+        mid = torch.tensor(overflow_midpoint(fmt), dtype=torch.int32).view(torch.float32)
+        peaks = []
+        for r in range(0, x.shape[0], meta["TILE_M"]):
+            for c in range(0, meta["TILE_M"], meta["CHUNK_M"]):
+                for k in range(0, x.shape[1], meta["TILE_K"]):
+                    chunk = x[r + c:r + c + meta["CHUNK_M"], k:k + meta["TILE_K"]]
+                    if chunk.numel():
+                        peaks.append(bool(chunk.abs().max() < mid))  # NaN compares False: a slow chunk
+        assert any(peaks) and not all(peaks), fmt.name

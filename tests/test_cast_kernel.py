@@ -176,3 +176,34 @@ def test_nearest_error_is_within_half_an_ulp(scaling):
     in_range = y.abs() <= fmt.max
     err = (x - q.dequantize()).abs()
     assert torch.all(err[in_range] <= (quantum * scale)[in_range] / 2 * (1 + 1e-6))
+
+
+def _in_range_input(fmt) -> torch.Tensor:
+    """x [128, 128] of finite values at every magnitude the stochastic rounding treats differently:
+    the format's normal and subnormal ranges, below its smallest subnormal (more than 32 dropped
+    bits), fp32 subnormals, zeros of both signs and its largest value; no Inf, NaN or overflow."""
+    g = torch.Generator().manual_seed(7)
+    exponents = torch.randint(-150, int(torch.log2(torch.tensor(fmt.max)).item()), (128, 128), generator=g)
+    x = torch.randn(128, 128, generator=g).clamp(-1.9, 1.9) * torch.exp2(exponents.float())
+    flat = x.view(-1)
+    flat[:6] = torch.tensor([0.0, -0.0, fmt.max, -fmt.max, fmt.min_subnormal, -fmt.min_subnormal / 3])
+    flat[6:10] = torch.tensor([1e-45, -3e-44, 1.1754942e-38, 2.0**-60])  # fp32 subnormals, tiny normals
+    return x
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["", "+T"])
+@pytest.mark.parametrize("scaling", ["none", "tensor"])
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_in_range_chunks_skip_the_fixups_and_keep_the_bits(rounding, fmt, scaling, transpose):
+    """Casts with no scale or one tensor scale round a chunk whose scaled max cannot overflow
+    without the overflow / Inf / NaN fix-ups (the kernel's FAST path). Those chunks, and a chunk
+    with a NaN and an overflow in it, must give the reference's bits, counts and amax."""
+    f = {"e4m3": tf8.E4M3, "e5m2": tf8.E5M2}[fmt]
+    x = _in_range_input(f)
+    a, b = _both(x, fmt, rounding=rounding, scaling=scaling, seed=11, transpose=transpose)
+    _assert_same(a, b)
+    x[70, 3], x[71, 4] = float("nan"), f.max * 8  # one chunk (rows 64-95) takes the fix-ups
+    a, b = _both(x, fmt, rounding=rounding, scaling=scaling, seed=11, transpose=transpose, saturate=True)
+    _assert_same(a, b)
+    assert scaling != "none" or int(b.saturated) == 1

@@ -55,15 +55,51 @@ def parse_sass(text: str) -> list[Instruction]:
     return out
 
 
+def branch_target(ins: Instruction) -> Optional[int]:
+    """The address a BRA jumps to (None for other instructions)."""
+    if ins.base != "BRA":
+        return None
+    m = re.search(r"0x([0-9a-f]+)\s*$", ins.operands)
+    return int(m.group(1), 16) if m else None
+
+
 def loops(code: list[Instruction]) -> list[tuple[int, int]]:
     """(first, last) address of every loop: a branch back to an earlier address closes one."""
     found = []
     for ins in code:
-        if ins.base == "BRA":
-            m = re.search(r"0x([0-9a-f]+)\s*$", ins.operands)
-            if m and int(m.group(1), 16) < ins.address:
-                found.append((int(m.group(1), 16), ins.address))
+        target = branch_target(ins)
+        if target is not None and target < ins.address:
+            found.append((target, ins.address))
     return found
+
+
+def split_paths(body: list[Instruction], shorter: bool = True) -> list[Instruction]:
+    """``body`` (a loop's instructions, address order) with every if/else diamond cut to one side.
+
+    A diamond is a predicated forward branch whose target follows an unconditional branch
+    to a later merge point inside ``body``: the code between the two branches is one side,
+    the code from the target to the merge point the other. ``shorter``: keep the side with
+    fewer instructions (a cast's chunk path without fix-ups), else the longer. Branches that
+    only skip code (masked stores) are no diamonds and keep everything.
+    """
+    index = {ins.address: i for i, ins in enumerate(body)}
+    out, i = [], 0
+    while i < len(body):
+        ins = body[i]
+        target = branch_target(ins)
+        k = index.get(target) if (target is not None and ins.predicate and target > ins.address) else None
+        if k is not None and k > i + 1 and not body[k - 1].predicate:
+            merge = branch_target(body[k - 1])
+            end = index.get(merge) if merge is not None and merge > target else None
+            if end is not None:
+                sides = sorted((body[i + 1:k], body[k:end]), key=len)
+                out.append(ins)
+                out += split_paths(sides[0] if shorter else sides[1], shorter)
+                i = end
+                continue
+        out.append(ins)
+        i += 1
+    return out
 
 
 def steady_state_loop(code: list[Instruction], anchor: re.Pattern) -> Optional[tuple[int, int]]:
@@ -213,7 +249,10 @@ def analyze(sass_text: str, unit: Unit, registers: int, num_warps: int, shared_b
     of a cast, every innermost loop (the amax pre-pass of a block-scaled cast and the
     pass that stores, each over the same chunks); of a kernel without loops, all of it
     (``unit.per_thread`` then counts the elements of the whole program), up to its first
-    unconditional EXIT (:func:`main_path`).
+    unconditional EXIT (:func:`main_path`). A cast whose chunks branch between the bare
+    conversion and the fix-ups (an if/else diamond, :func:`split_paths`) is counted on the
+    shorter side, the path of chunks without overflow, Inf or NaN; the longer side is
+    reported as ``slow_path_instructions_per_element``.
     """
     code = parse_sass(sass_text)
     if unit.family in ("gemm", "attention"):
@@ -224,6 +263,12 @@ def analyze(sass_text: str, unit: Unit, registers: int, num_warps: int, shared_b
     body = [i for i in code if any(a <= i.address <= b for a, b in spans)] if spans else main_path(code)
     if not spans and unit.family == "cast":
         unit = Unit(unit.family, unit.per_thread_kernel or unit.per_thread, unit.bytes_per_element)
+    slow = None
+    if unit.family == "cast":  # a chunk that branches to fix-ups: the steady state is the path without them
+        fast = split_paths(body)
+        if len(fast) < len(body):
+            slow = split_paths(body, shorter=False)
+            body = fast
     loop_mix = mix(body)
     depth = wait_depth(body)
     ctas = occupancy(registers, num_warps, shared_bytes, machine)
@@ -240,6 +285,8 @@ def analyze(sass_text: str, unit: Unit, registers: int, num_warps: int, shared_b
         row["prediction"] = "none: no wgmma shape in the loop (the model is for sm_90)"
         return row
     row.update(predict(unit, loop_mix, num_warps, ctas, depth, machine))
+    if slow is not None:
+        row["slow_path_instructions_per_element"] = round(len(slow) / unit.per_thread, 2)
     return row
 
 

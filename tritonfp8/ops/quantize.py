@@ -32,10 +32,12 @@ from .rounding import (
     abs_max_reference,
     e8m0_from_amax,
     e8m0_from_amax_reference,
+    hw_code,
     inv_scale_from_amax,
     inv_scale_from_amax_reference,
     inv_scale_from_scale,
     inv_scale_from_scale_reference,
+    max_propagating_nan,
     mx_max_frac,
     overflow_midpoint,
     random_words_2d,
@@ -91,9 +93,9 @@ def _amax_kernel(
 def _quantize_head(
     x, absx, rand, offs_m, offs_k, pid_m, pid_k, first_chunk, M, K,
     out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, span_col_amax, span_amax,
-    stride_sm, stride_sk,
+    tensor_inv, tensor_scale, stride_sm, stride_sk,
     MODE: tl.constexpr, GIVEN_SCALE: tl.constexpr, E8M0_SCALE: tl.constexpr, TRANSPOSED: tl.constexpr,
-    ALSO_TRANSPOSED: tl.constexpr, HW_NEAREST: tl.constexpr, HW_MIDPOINT: tl.constexpr,
+    ALSO_TRANSPOSED: tl.constexpr, HW_NEAREST: tl.constexpr, HW_MIDPOINT: tl.constexpr, BARE: tl.constexpr,
     EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, MAX_CODE: tl.constexpr,
     INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr,
     STOCHASTIC: tl.constexpr, SATURATE: tl.constexpr, POW2: tl.constexpr,
@@ -102,8 +104,13 @@ def _quantize_head(
     """Scale, round and store one output of a chunk of rows; returns its overflowed values (int32 0 / 1
     per element of the chunk, 0 outside the tensor).
 
+    BARE: the chunk is known to hold no value that overflows, no Inf and no NaN, so nothing
+    is fixed up or counted: nearest casts on HW_NEAREST store the hardware conversion alone,
+    the others round with ``round_to_code(IN_RANGE=True)``.
+
     ``span_col_amax`` [TILE_K] and ``span_amax`` [] are the amaxes of groups that span
-    the whole tile (computed in a first pass). TRANSPOSED stores x^T as a contiguous
+    the whole tile (computed in a first pass); ``tensor_inv`` / ``tensor_scale`` the one
+    scale of MODE_TENSOR (computed once per program). TRANSPOSED stores x^T as a contiguous
     [K, M] tensor (the chunk is transposed in registers so the store stays coalesced).
     ALSO_TRANSPOSED stores the same codes both ways (to ``out_ptr`` and, as x^T, to
     ``out_t_ptr``; a computed tensor scale to ``scale_t_ptr`` too): the transposed copy
@@ -145,11 +152,13 @@ def _quantize_head(
         else:
             owner = valid & first_chunk
         scale_ptrs = scale_ptr + gm * stride_sm + gk * stride_sk
-        if GIVEN_SCALE:
+        if GIVEN_SCALE and MODE == MODE_TENSOR:
+            inv = tensor_inv
+        elif GIVEN_SCALE:
             inv = inv_scale_from_scale(tl.load(scale_ptrs, mask=valid, other=1.0))
         else:
             if MODE == MODE_TENSOR:
-                amax = tl.load(amax_ptr)
+                amax = 0.0  # unused: tensor_inv / tensor_scale hold its scale
             elif MODE == MODE_ROW:
                 amax = tl.load(amax_rows_ptr + offs_m, mask=in_m, other=0.0)[:, None]
             elif MODE == MODE_COL:
@@ -164,31 +173,31 @@ def _quantize_head(
                 inv, scale_code = e8m0_from_amax(amax, EMAX, MX_MAX_FRAC)
                 tl.store(scale_ptrs, scale_code.to(tl.uint8), mask=owner)
             else:
-                inv, scale = inv_scale_from_amax(amax, FMAX_MARGIN, POW2)
+                if MODE == MODE_TENSOR:
+                    inv, scale = tensor_inv, tensor_scale
+                else:
+                    inv, scale = inv_scale_from_amax(amax, FMAX_MARGIN, POW2)
                 tl.store(scale_ptrs, scale, mask=owner)
                 if ALSO_TRANSPOSED:  # MODE_TENSOR: one scale
                     tl.store(scale_t_ptr, scale, mask=owner)
         y = x * inv
-    if HW_NEAREST:
+    if HW_NEAREST and BARE:
+        code = hw_code(y, EXP_BITS)
+        overflow = code < 0  # never: a code is 0..255
+    elif HW_NEAREST:
         code, overflow = round_to_code_hw(y, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, SATURATE, HW_MIDPOINT)
     else:
         code, overflow = round_to_code(y, rand, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC,
-                                       SATURATE)
+                                       SATURATE, BARE)
     mask = in_m[:, None] & in_k[None, :]
+    code8 = code.to(tl.uint8)  # transposed as bytes: a quarter of the shared-memory traffic of int32
     if TRANSPOSED:
-        tl.store(
-            out_ptr + offs_k[:, None] * M + offs_m[None, :],
-            tl.trans(code).to(tl.uint8),
-            mask=in_k[:, None] & in_m[None, :],
-        )
+        tl.store(out_ptr + offs_k[:, None] * M + offs_m[None, :], tl.trans(code8), mask=in_k[:, None] & in_m[None, :])
     else:
-        tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], code.to(tl.uint8), mask=mask)
+        tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], code8, mask=mask)
         if ALSO_TRANSPOSED:
-            tl.store(
-                out_t_ptr + offs_k[:, None] * M + offs_m[None, :],
-                tl.trans(code).to(tl.uint8),
-                mask=in_k[:, None] & in_m[None, :],
-            )
+            tl.store(out_t_ptr + offs_k[:, None] * M + offs_m[None, :], tl.trans(code8),
+                     mask=in_k[:, None] & in_m[None, :])
     return (overflow & mask).to(tl.int32)
 
 
@@ -211,7 +220,7 @@ def _quantize_kernel(
     # modes
     MODE: tl.constexpr, MODE_T: tl.constexpr, GIVEN_SCALE: tl.constexpr,
     TRANSPOSE: tl.constexpr, RECORD_AMAX: tl.constexpr, E8M0_SCALE: tl.constexpr, RAND4: tl.constexpr,
-    HW_NEAREST: tl.constexpr, HW_MIDPOINT: tl.constexpr,
+    HW_NEAREST: tl.constexpr, HW_MIDPOINT: tl.constexpr, FAST_LIMIT: tl.constexpr,
     # format and rounding
     EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, MAX_CODE: tl.constexpr,
     INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr,
@@ -231,8 +240,17 @@ def _quantize_kernel(
     rounds to nearest through the hardware conversion (:func:`round_to_code_hw`). The
     amax and the overflow counts accumulate per element in registers and are reduced
     once per tile.
+
+    FAST (no scale or one tensor scale, and a transposed copy only of the same codes):
+    each chunk first reduces its max |x|, NaN-propagating. Where that max times the inverse
+    scale is below FAST_LIMIT (nearest: the overflow midpoint; stochastic: just above the
+    largest finite value), no value of the chunk can overflow and none is Inf or NaN (the
+    scaled values are bounded by the scaled max: rounding is monotonic), so the chunk is
+    rounded without the fix-ups (``BARE``: the bare hardware conversion for HW_NEAREST);
+    only other chunks take them. The chunk's max is also its amax.
     """
     SAME_CODES: tl.constexpr = TRANSPOSE and (MODE == MODE_T) and ((MODE == MODE_NONE) or (MODE == MODE_TENSOR))
+    FAST: tl.constexpr = ((MODE == MODE_NONE) or (MODE == MODE_TENSOR)) and ((not TRANSPOSE) or SAME_CODES)
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_k = pid_k * TILE_K + tl.arange(0, TILE_K)
@@ -249,41 +267,87 @@ def _quantize_kernel(
     if RECORD_AMAX and SPANS:  # the first pass saw the whole tile: record its amax now (not live across pass 2)
         tl.atomic_max(amax_ptr, span_amax)
     amax_acc = tl.zeros([CHUNK_M, TILE_K], dtype=tl.float32)
+    peak_amax = tl.full([], 0.0, tl.float32)  # FAST's amax: the max of its chunks' peaks (NaN-propagating)
+    overflow_count = tl.full([], 0, tl.int32)  # FAST's overflows (the codes are the same both ways)
     saturated = tl.zeros([CHUNK_M, TILE_K], dtype=tl.int32)
     saturated_t = tl.zeros([CHUNK_M, TILE_K], dtype=tl.int32)
+    tensor_inv = 1.0  # MODE_TENSOR's one scale, once per program (it also bounds FAST's chunks)
+    tensor_scale = 1.0
+    if MODE == MODE_TENSOR:
+        if GIVEN_SCALE:
+            tensor_inv = inv_scale_from_scale(tl.load(scale_ptr))
+        else:
+            tensor_inv, tensor_scale = inv_scale_from_amax(tl.load(amax_ptr), FMAX_MARGIN, POW2)
     for c in range(0, TILE_M, CHUNK_M):
         offs_m = pid_m * TILE_M + c + tl.arange(0, CHUNK_M)
         x = _load_chunk(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
-        absx = abs_nan_as_inf(x)
-        if RECORD_AMAX and not SPANS:  # with SPANS the first pass has the tile's amax
-            amax_acc = tl.maximum(amax_acc, absx)
-        if STOCHASTIC:  # each element's word of Philox(seed, offset in x's [M, K] view // 4)
-            rand = random_words_2d(seed, offs_m, pid_k * TILE_K, K, CHUNK_M, TILE_K, RAND4)
+        if FAST:
+            absx = tl.abs(x)
+            peak = tl.reduce(tl.reduce(absx, 1, max_propagating_nan), 0, max_propagating_nan)
+            peak_amax = max_propagating_nan(peak_amax, peak)
+            if STOCHASTIC:  # each element's word of Philox(seed, offset in x's [M, K] view // 4)
+                rand = random_words_2d(seed, offs_m, pid_k * TILE_K, K, CHUNK_M, TILE_K, RAND4)
+            else:
+                rand = 0
+            if peak * tensor_inv < FAST_LIMIT:  # False for a NaN peak
+                _quantize_head(
+                    x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
+                    out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
+                    span_col_amax, span_amax, tensor_inv, tensor_scale, stride_sm, stride_sk,
+                    MODE, GIVEN_SCALE, E8M0_SCALE, False, SAME_CODES, HW_NEAREST, HW_MIDPOINT, True,
+                    EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
+                    MX_MAX_FRAC,
+                )
+            else:
+                overflowed = _quantize_head(
+                    x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
+                    out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
+                    span_col_amax, span_amax, tensor_inv, tensor_scale, stride_sm, stride_sk,
+                    MODE, GIVEN_SCALE, E8M0_SCALE, False, SAME_CODES, HW_NEAREST, HW_MIDPOINT, False,
+                    EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
+                    MX_MAX_FRAC,
+                )
+                overflow_count += tl.sum(tl.sum(overflowed, axis=1), axis=0)  # a scalar: cheap to carry
         else:
-            rand = 0
-        overflowed = _quantize_head(
-            x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
-            out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, span_col_amax,
-            span_amax, stride_sm, stride_sk,
-            MODE, GIVEN_SCALE, E8M0_SCALE, False, SAME_CODES, HW_NEAREST, HW_MIDPOINT,
-            EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX, MX_MAX_FRAC,
-        )
-        saturated += overflowed
-        if SAME_CODES:
-            saturated_t += overflowed
-        elif TRANSPOSE:
-            saturated_t += _quantize_head(
+            absx = abs_nan_as_inf(x)
+            if RECORD_AMAX and not SPANS:  # with SPANS the first pass has the tile's amax
+                amax_acc = tl.maximum(amax_acc, absx)
+            if STOCHASTIC:  # each element's word of Philox(seed, offset in x's [M, K] view // 4)
+                rand = random_words_2d(seed, offs_m, pid_k * TILE_K, K, CHUNK_M, TILE_K, RAND4)
+            else:
+                rand = 0
+            overflowed = _quantize_head(
                 x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
-                out_t_ptr, out_t_ptr, scale_t_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
-                span_col_amax, span_amax, stride_tsm, stride_tsk,
-                MODE_T, GIVEN_SCALE, E8M0_SCALE, True, False, HW_NEAREST, HW_MIDPOINT,
-                EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX, MX_MAX_FRAC,
+                out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, span_col_amax,
+                span_amax, tensor_inv, tensor_scale, stride_sm, stride_sk,
+                MODE, GIVEN_SCALE, E8M0_SCALE, False, SAME_CODES, HW_NEAREST, HW_MIDPOINT, False,
+                EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
+                MX_MAX_FRAC,
             )
-    if RECORD_AMAX and not SPANS:
+            saturated += overflowed
+            if SAME_CODES:
+                saturated_t += overflowed
+            elif TRANSPOSE:
+                saturated_t += _quantize_head(
+                    x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
+                    out_t_ptr, out_t_ptr, scale_t_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
+                    span_col_amax, span_amax, tensor_inv, tensor_scale, stride_tsm, stride_tsk,
+                    MODE_T, GIVEN_SCALE, E8M0_SCALE, True, False, HW_NEAREST, HW_MIDPOINT, False,
+                    EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
+                    MX_MAX_FRAC,
+                )
+    if RECORD_AMAX and FAST:
+        tl.atomic_max(amax_ptr, tl.where(peak_amax != peak_amax, float("inf"), peak_amax))
+    elif RECORD_AMAX and not SPANS:
         tl.atomic_max(amax_ptr, tl.max(tl.max(amax_acc, axis=1), axis=0))
-    tl.atomic_add(saturated_ptr, tl.sum(tl.sum(saturated, axis=1), axis=0))
-    if TRANSPOSE:
-        tl.atomic_add(saturated_ptr + 1, tl.sum(tl.sum(saturated_t, axis=1), axis=0))
+    if FAST:
+        tl.atomic_add(saturated_ptr, overflow_count)
+        if TRANSPOSE:
+            tl.atomic_add(saturated_ptr + 1, overflow_count)
+    else:
+        tl.atomic_add(saturated_ptr, tl.sum(tl.sum(saturated, axis=1), axis=0))
+        if TRANSPOSE:
+            tl.atomic_add(saturated_ptr + 1, tl.sum(tl.sum(saturated_t, axis=1), axis=0))
 
 
 # ----------------------------------------------------------------------------
@@ -296,6 +360,7 @@ def _quantize_kernel(
 DEFAULT_TILE = (64, 128)
 DEFAULT_TILE_TRANSPOSED = (64, 64)
 CHUNK_ELEMENTS = 1024
+FAST_CHUNK_ELEMENTS = 4096  # chunks of the FAST path (its per-chunk check is a block reduction)
 NUM_WARPS = 4
 
 
@@ -334,16 +399,29 @@ def quantize_meta(fmt: Format, scaling: Scaling, rounding: str, saturate: bool, 
     mode_t = _head_mode(scaling.transposed()) if transpose else 0
     tile_m, tile_k, chunk_m = quantize_tile(scaling, transpose, m)
     needs_prepass = not given_scale and (mode in _GLOBAL_MODES or mode_t in _GLOBAL_MODES)
+    hw = hardware_nearest and rounding == "nearest"
+    if mode in (0, 1) and (not transpose or mode_t == mode):
+        # the kernel's FAST path: a chunk's check is one reduction, so the chunks are larger
+        chunk_m = max(1, min(tile_m, FAST_CHUNK_ELEMENTS // tile_k))
     return dict(
         MODE=mode, MODE_T=mode_t, GIVEN_SCALE=given_scale, TRANSPOSE=transpose,
         RECORD_AMAX=not needs_prepass, E8M0_SCALE=scaling.is_mx, RAND4=k % 4 == 0,
-        HW_NEAREST=hardware_nearest and rounding == "nearest", HW_MIDPOINT=overflow_midpoint(fmt),
+        HW_NEAREST=hw, HW_MIDPOINT=overflow_midpoint(fmt), FAST_LIMIT=fast_limit(fmt, rounding),
         EXP_BITS=fmt.exp_bits, MAN_BITS=fmt.man_bits, MAX_CODE=fmt.max_code,
         INF_CODE=fmt.inf_code, NAN_CODE=fmt.nan_code,
         STOCHASTIC=rounding == "stochastic", SATURATE=saturate, POW2=power_of_two,
         FMAX_MARGIN=fmt.max * 2.0**-margin, EMAX=fmt.emax, MX_MAX_FRAC=mx_max_frac(fmt),
         TILE_M=tile_m, TILE_K=tile_k, CHUNK_M=chunk_m,
     )
+
+
+def fast_limit(fmt: Format, rounding: str) -> float:
+    """The kernel's FAST check: a chunk whose scaled max |x| is below this holds no value that
+    can round above the largest finite one (nearest: the overflow midpoint; stochastic: the
+    next fp32 above the largest finite value, which rounds down or stays). An fp32 number."""
+    if rounding == "nearest":
+        return torch.tensor(overflow_midpoint(fmt), dtype=torch.int32).view(torch.float32).item()
+    return torch.tensor(fmt.max, dtype=torch.float32).nextafter(torch.tensor(math.inf)).item()
 
 
 def _empty_scale(scaling: Scaling, m: int, k: int, device) -> torch.Tensor:

@@ -24,7 +24,9 @@ Rounding of a finite fp32 value ``v = sig * 2**(e - 23)``:
   (``s <= 32``: exactly k = s random bits, as numerics.md asks); for ``s > 32``
   (only magnitudes under 1/512 of the smallest subnormal) the top 32 dropped bits
   are used:
-  ``(D >> (s - 32)) + R >= 2**32``, biased by under ``2**-32`` of a quantum.
+  ``(D >> (s - 32)) + R >= 2**32``, biased by under ``2**-32`` of a quantum. The kernels
+  compute both cases as one carry test, ``R > ~A`` with ``A`` the low word of
+  ``(sig << 32) >> s`` (one funnel shift); the reference spells the two cases out.
 * code = ``((e_eff - emin) << man_bits) + q + up`` (linear, see formats.py);
   ``code > max_code`` is overflow: saturate to ``max_code`` (and count) or
   become Inf (E5M2) / NaN (E4M3). NaN -> NaN, Inf -> Inf (E4M3: NaN); the sign
@@ -70,11 +72,15 @@ def round_to_code(
     NAN_CODE: tl.constexpr,
     STOCHASTIC: tl.constexpr,
     SATURATE: tl.constexpr,
+    IN_RANGE: tl.constexpr = False,
 ):
     """Round fp32 ``x`` to the format's grid; returns (int32 code with sign, overflow flag).
 
     ``rand`` is a uint32 block of random bits (unused unless STOCHASTIC). The overflow
-    flag marks finite inputs that rounded above the largest finite value.
+    flag marks finite inputs that rounded above the largest finite value. IN_RANGE: the
+    caller knows every x is finite and cannot round above the largest finite value
+    (stochastic: |x| <= max; nearest: |x| below the overflow midpoint), so the overflow,
+    Inf and NaN fix-ups are left out (the flag is then all False).
     """
     EMIN: tl.constexpr = 2 - (1 << (EXP_BITS - 1))
     SIGN: tl.constexpr = 1 << (EXP_BITS + MAN_BITS)
@@ -87,27 +93,48 @@ def round_to_code(
     e_eff = tl.maximum(e, EMIN)
     shift = (23 - MAN_BITS) + (e_eff - e)  # >= 20; every shift below is clamped to 31 (sig < 2**24)
     q = sig >> tl.minimum(shift, 31)
-    dropped = sig - (q << tl.minimum(shift, 31))
     if STOCHASTIC:
-        # Round up iff D' + R' >= 2**W with W = min(shift, 32), i.e. R' > (2**W - 1) - D'.
-        few = tl.minimum(tl.maximum(32 - shift, 0), 31)
-        r_top = rand.to(tl.uint32, bitcast=True) >> few.to(tl.uint32)
-        d_top = dropped.to(tl.uint32) >> tl.minimum(tl.maximum(shift - 32, 0), 31).to(tl.uint32)
-        up = r_top > ((0xFFFFFFFF >> few.to(tl.uint32)) - d_top)
+        # The dropped bits D aligned as numerics.md 2 uses them: D << (32 - shift) for shift <= 32,
+        # D >> (shift - 32) above (the top 32 dropped bits), in one funnel shift of sig:0 (D = sig
+        # once shift >= 24, and 0 for shift >= 56). Round up iff R plus them carries out of 32 bits:
+        # R > ~aligned, the same as (R >> (32 - shift)) + D >= 2**shift (resp. D' + R >= 2**32).
+        aligned = ((sig.to(tl.uint64) << 32) >> tl.minimum(shift, 63).to(tl.uint64)).to(tl.uint32)
+        up = rand.to(tl.uint32, bitcast=True) > (aligned ^ 0xFFFFFFFF)  # ~aligned (the interpreter's ~ fails on uint32)
     else:
+        dropped = sig - (q << tl.minimum(shift, 31))
         half = 1 << tl.minimum(shift - 1, 30)
         up = (dropped > half) | ((dropped == half) & ((q & 1) == 1))
     code = ((e_eff - EMIN) << MAN_BITS) + q + up.to(tl.int32)
-    finite = mag < 0x7F800000
-    overflow = finite & (code > MAX_CODE)
-    if SATURATE:
-        code = tl.where(overflow, MAX_CODE, code)
+    if IN_RANGE:
+        overflow = up & (mag < 0)  # never: |x| is in range
     else:
-        code = tl.where(overflow, INF_CODE, code)
-    code = tl.where(mag == 0x7F800000, INF_CODE, code)
-    code = tl.where(mag > 0x7F800000, NAN_CODE, code)
+        finite = mag < 0x7F800000
+        overflow = finite & (code > MAX_CODE)
+        if SATURATE:
+            code = tl.where(overflow, MAX_CODE, code)
+        else:
+            code = tl.where(overflow, INF_CODE, code)
+        code = tl.where(mag == 0x7F800000, INF_CODE, code)
+        code = tl.where(mag > 0x7F800000, NAN_CODE, code)
     code = code | tl.where(bits < 0, SIGN, 0)
     return code, overflow
+
+
+@triton.jit
+def max_propagating_nan(a, b):
+    """max(a, b), NaN if either is NaN: a reduction with it finds any NaN (tl.max would drop it)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def hw_code(x, EXP_BITS: tl.constexpr):
+    """The hardware conversion's int32 code of fp32 ``x`` (compiled sm_90+: ``cvt.rn.satfinite``).
+
+    Exact (the integer rounding's code) for every finite |x| below the overflow midpoint;
+    :func:`round_to_code_hw` fixes up the rest."""
+    if EXP_BITS == 5:
+        return x.to(tl.float8e5).to(tl.uint8, bitcast=True).to(tl.int32)
+    return x.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
 
 
 @triton.jit
@@ -127,10 +154,7 @@ def round_to_code_hw(x, EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, MAX_CODE
     and NaN the NAN_CODE, both with x's sign. MIDPOINT: :func:`overflow_midpoint`.
     """
     SIGN: tl.constexpr = 1 << (EXP_BITS + MAN_BITS)
-    if EXP_BITS == 5:
-        code = x.to(tl.float8e5).to(tl.uint8, bitcast=True).to(tl.int32)
-    else:
-        code = x.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+    code = hw_code(x, EXP_BITS)
     bits = x.to(tl.int32, bitcast=True)
     mag = bits & 0x7FFFFFFF
     sign = tl.where(bits < 0, SIGN, 0)
