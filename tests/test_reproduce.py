@@ -270,6 +270,9 @@ def test_scalers_of_the_loss_scaling_arms():
     assert high.get_floor() == 2.0**20 and high.get_scale() == 2.0**20  # the scale starts at the floor
     dynamic = runner.build_scaler(cfg, rconfig.ARMS["fp8+dynamic-ls"])
     assert dynamic.mode == "dynamic" and dynamic.get_scale() == cfg.ls_init_scale
+    # the high floor's baseline: the same start, no floor
+    same_start = runner.build_scaler(cfg, rconfig.ARMS["fp8+dynamic-ls-high"])
+    assert same_start.mode == "dynamic" and same_start.get_scale() == 2.0**20 and same_start.get_floor() == 0
 
 
 # ----------------------------------------------------------------------------
@@ -397,6 +400,7 @@ def test_paper_claims_each_get_a_verdict():
                     "fp8-vanilla": _arm([80.0, 81.0, 79.0]), "fp8+dynamic-ls": _arm([90.0, 90.2, 90.3]),
                     "abl-nearest-grads": _arm([89.9, 90.1, 90.2]),
                     "mellempudi2019-all-fp8": _arm([88.0, 88.3, 88.1]),
+                    "fp8+dynamic-ls-high": _arm([89.9, 90.1, 90.1]),
                     "fp8+enhanced-ls-high": {**_arm([90.0, 90.2, 90.3]), "floor_raises_per_run": 0, "steps": 100,
                                              "skipped_steps": 0}})
     f = report.findings(cfg, s)
@@ -413,6 +417,11 @@ def test_paper_claims_each_get_a_verdict():
     floor = _claim(report.findings(cfg, s), "enhanced loss scaling beats")
     assert floor["holds"] is False and "raised the scale on 4.5 steps per run" in floor["text"]
     assert "first at step 12, last at step 90" in floor["text"] and "2^22" in floor["text"]
+    assert "vs fp8+dynamic-ls-high" in floor["text"]  # against dynamic scaling from the same start
+    # arms that share no seed give no verdict
+    s["abl-nearest-grads"] = {**_arm([80.0, 80.0, 80.0]), "seeds": [7, 8, 9]}
+    _with_gaps(s)
+    assert _claim(report.findings(cfg, s), "stochastic rounding of the errors")["holds"] is None
 
 
 def test_static_sweep_and_text_baseline_notes():

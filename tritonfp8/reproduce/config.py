@@ -28,7 +28,8 @@ In these tasks the dynamic scale never falls below its start (it grows to 2**19-
 before an overflow halves it), so that floor never acts; the arm ``fp8+enhanced-ls-high``
 puts the floor at ``ls_high_floor`` = 2**22, one power of two below where the 2-layer
 runs of 2026-11-29 first overflowed, so that overflows reach it and it acts (the report
-counts on how many steps). The static sweep (``fp8+static-ls-2^k``, k in
+counts on how many steps), and ``fp8+dynamic-ls-high`` starts plain dynamic scaling at the
+same scale, so that the two differ by the floor alone. The static sweep (``fp8+static-ls-2^k``, k in
 STATIC_SCALE_EXPONENTS) brackets the dynamic start: 2**10, 2**16, 2**22.
 """
 from __future__ import annotations
@@ -68,7 +69,9 @@ class Arm:
         master_rounding: "stochastic" or "nearest": how the fp32 update is written to fp16 masters.
         static_scale: static mode's fixed loss scale.
         floor: enhanced mode's floor: "default" (the task's ``ls_floor``) or "high" (its
-            ``ls_high_floor``, set where the floor acts).
+            ``ls_high_floor``, set where the floor acts; the scale then starts there too).
+        start: dynamic / enhanced mode's first scale: "default" (the task's ``ls_init_scale``)
+            or "high" (its ``ls_high_floor``: the same start as the high floor's arm).
     """
 
     name: str
@@ -80,12 +83,14 @@ class Arm:
     master_rounding: str = "stochastic"
     static_scale: Optional[float] = None
     floor: str = "default"
+    start: str = "default"
 
     def __post_init__(self):
         if (self.loss_scaling == "static") != (self.static_scale is not None):
             raise ValueError(f"arm {self.name!r}: static_scale goes with loss_scaling='static' (and only with it)")
-        if self.floor not in ("default", "high"):
-            raise ValueError(f"arm {self.name!r}: floor must be 'default' or 'high', got {self.floor!r}")
+        for field in ("floor", "start"):
+            if getattr(self, field) not in ("default", "high"):
+                raise ValueError(f"arm {self.name!r}: {field} must be 'default' or 'high', got {getattr(self, field)!r}")
 
     @property
     def is_fp8(self) -> bool:
@@ -116,8 +121,11 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("fp8+dynamic-ls", "vanilla + dynamic loss scaling", recipe=VANILLA, loss_scaling="dynamic"),
     Arm("fp8+enhanced-ls", "vanilla + enhanced loss scaling (dynamic, never below the floor ls_floor)", recipe=VANILLA,
         loss_scaling="enhanced"),
+    Arm("fp8+dynamic-ls-high", "vanilla + dynamic loss scaling starting at ls_high_floor (fp8+enhanced-ls-high "
+        "without its floor)", recipe=VANILLA, loss_scaling="dynamic", start="high"),
     Arm("fp8+enhanced-ls-high", "vanilla + enhanced loss scaling with the floor raised to ls_high_floor, where "
-        "overflows reach it (the floor acts)", recipe=VANILLA, loss_scaling="enhanced", floor="high"),
+        "overflows reach it (the floor acts); it starts there", recipe=VANILLA, loss_scaling="enhanced", floor="high",
+        start="high"),
     *(Arm(f"fp8+static-ls-2^{k}", f"vanilla + a static loss scale of 2^{k}", recipe=VANILLA, loss_scaling="static",
           static_scale=2.0**k) for k in STATIC_SCALE_EXPONENTS),
     Arm("mellempudi2019", "full recipe: enhanced LS, stochastic errors and weight grads, fp16 masters with "
@@ -226,7 +234,7 @@ PRESETS: dict[str, dict[str, dict]] = {
                       lr=3e-3, weight_decay=0.01, batch_size=16, min_lr_fraction=0.1, warmup_steps=20),
         "full": dict(epochs=3, seeds=5, steps_per_epoch=200, n_layers=4, d_model=128, optimizer="adamw", lr=2e-3,
                      weight_decay=0.01, batch_size=16, min_lr_fraction=0.1, warmup_steps=80, evals_per_epoch=4,
-                     arms=(*_CLAIM_ARMS, "fp8+enhanced-ls-high", "abl-nearest-master")),
+                     arms=(*_CLAIM_ARMS, "fp8+dynamic-ls-high", "fp8+enhanced-ls-high", "abl-nearest-master")),
     },
 }
 

@@ -29,7 +29,8 @@ _STEP_COST = {
 }
 _DEFAULT_STEP_COST = {"fashion-cnn": 0.2, "fashion-resnet": 2.0, "text-gpt": 0.3}
 # arms that cost what another arm costs (they change only the loss scaling or which layers run in fp8)
-_COSTS_LIKE = {"fp8+enhanced-ls-high": "fp8+enhanced-ls", "mellempudi2019-all-fp8": "mellempudi2019",
+_COSTS_LIKE = {"fp8+enhanced-ls-high": "fp8+enhanced-ls", "fp8+dynamic-ls-high": "fp8+dynamic-ls",
+               "mellempudi2019-all-fp8": "mellempudi2019",
                **{name: "fp8+dynamic-ls" for name in ARMS if name.startswith("fp8+static-ls")}}
 
 
@@ -62,7 +63,8 @@ def build_scaler(cfg: TaskConfig, arm: Arm) -> Optional[LossScaler]:
     extra = {}
     if arm.loss_scaling == "enhanced":
         extra["floor"] = cfg.ls_high_floor if arm.floor == "high" else cfg.ls_floor
-    return LossScaler(arm.loss_scaling, init_scale=cfg.ls_init_scale, growth_interval=cfg.ls_growth_interval, **extra)
+    init = cfg.ls_high_floor if arm.start == "high" else cfg.ls_init_scale
+    return LossScaler(arm.loss_scaling, init_scale=init, growth_interval=cfg.ls_growth_interval, **extra)
 
 
 class LayerErrorCounts:
