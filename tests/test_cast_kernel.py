@@ -207,3 +207,13 @@ def test_in_range_chunks_skip_the_fixups_and_keep_the_bits(rounding, fmt, scalin
     a, b = _both(x, fmt, rounding=rounding, scaling=scaling, seed=11, transpose=transpose, saturate=True)
     _assert_same(a, b)
     assert scaling != "none" or int(b.saturated) == 1
+
+
+@pytest.mark.parametrize("given", [-1e-3, -0.0, 0.0, float("inf"), 2.0**-3])
+def test_in_range_check_with_any_given_tensor_scale(given):
+    """A given tensor scale of any sign or size: the chunk check bounds the scaled values by
+    |1 / scale|, so a negative, zero or infinite scale still gets the reference's bits and counts."""
+    x = torch.tensor([[1.0, -2.0, 0.5, 3.0] * 4] * 4)
+    for rounding in ("nearest", "stochastic"):
+        a, b = _both(x, "e4m3", rounding=rounding, scaling="tensor", seed=3, scale=torch.tensor(given))
+        _assert_same(a, b)

@@ -289,7 +289,7 @@ def _quantize_kernel(
                 rand = random_words_2d(seed, offs_m, pid_k * TILE_K, K, CHUNK_M, TILE_K, RAND4)
             else:
                 rand = 0
-            if peak * tensor_inv < FAST_LIMIT:  # False for a NaN peak
+            if peak * tl.abs(tensor_inv) < FAST_LIMIT:  # False for a NaN peak; |inv|: a given scale may be < 0
                 _quantize_head(
                     x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
                     out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
