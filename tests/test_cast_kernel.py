@@ -200,7 +200,9 @@ def test_in_range_chunks_skip_the_fixups_and_keep_the_bits(rounding, fmt, scalin
     without the overflow / Inf / NaN fix-ups (the kernel's FAST path). Those chunks, and a chunk
     with a NaN and an overflow in it, must give the reference's bits, counts and amax."""
     f = {"e4m3": tf8.E4M3, "e5m2": tf8.E5M2}[fmt]
-    x = _in_range_input(f)
+    # under a computed tensor scale, an amax of 0.3 max makes the inverse scale no power of two, and
+    # the scaled peak lands within about an ulp of max, next to the stochastic check's limit
+    x = _in_range_input(f) * (0.3 if scaling == "tensor" else 1.0)
     a, b = _both(x, fmt, rounding=rounding, scaling=scaling, seed=11, transpose=transpose)
     _assert_same(a, b)
     x[70, 3], x[71, 4] = float("nan"), f.max * 8  # one chunk (rows 64-95) takes the fix-ups

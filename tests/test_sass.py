@@ -85,9 +85,16 @@ def test_split_paths_keeps_one_side_of_a_diamond_and_every_skip():
     # the shorter side (bare conversion, with its masked-store skip kept whole), then the merge point
     assert fast == [0x0, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0xC0, 0xD0]
     assert slow == [0x0, 0x10, 0x20, 0x70, 0x80, 0x90, 0xA0, 0xB0, 0xC0, 0xD0]
-    # no diamond (a skip only): nothing is cut
-    skip_only = [i for i in code if i.address not in range(0x60, 0xC0)]
-    assert sass.split_paths(skip_only) == skip_only
+    # a branch that only skips code (no unconditional branch before its target): nothing is cut
+    skip_only = sass.parse_sass("""
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0010*/              @!P2 BRA 0x40 ;
+        /*0020*/                   F2FP.SATFINITE.E4M3.F32.PACK_AB_MERGE_C R6, R5, R4, RZ ;
+        /*0030*/                   STG.E.128 desc[UR4][R8.64], R4 ;
+        /*0040*/                   IADD3 R2, R2, 0x10, RZ ;
+        /*0050*/              @P0 BRA 0x0 ;
+""")
+    assert sass.split_paths(skip_only) == sass.split_paths(skip_only, shorter=False) == skip_only
 
 
 def test_mix_wait_depth_and_mma_flops():

@@ -518,6 +518,15 @@ _GOALS = {
 }
 
 
+_STEADY_STATE = """
+    Steady state: a GEMM's or attention's innermost loop holding an MMA; a cast's innermost
+    loops (a kernel without loops: all of it up to its first EXIT). A cast whose chunks branch
+    between rounding without and with the overflow / Inf / NaN fix-ups (no scale or one tensor
+    scale) is counted on the path without them, which chunks that cannot overflow take; the
+    other path is ``slow_path_instructions_per_element`` in the JSON.
+"""
+
+
 def _check(row: dict, ratio: Optional[float]) -> Optional[dict]:
     """The goal of a sm_90 row, measured on its own figure or its ``ratio`` to its reference
     (None: no reference row): {goal, value, holds}."""
@@ -559,7 +568,7 @@ def report(jobs: int = 2, name_filter: str = "", targets=(90, 100)) -> dict:
         r["check"] = _check(r, r.get("ratio_to_reference"))
     spills = [(r["name"], p["kernel"], p["spill_bytes"]) for r in rows if r.get("ok") and not r["is_reference"]
               and r["target"] == "sm_90" for p in r["parts"] if p["spill_bytes"]]
-    return dict(triton=triton.__version__, machine=H200, model=predict.__doc__, rows=rows,
+    return dict(triton=triton.__version__, machine=H200, model=predict.__doc__ + _STEADY_STATE, rows=rows,
                 spills_sm90=spills, failed=[(r["name"], r["target"], r["error"]) for r in rows if not r.get("ok")])
 
 

@@ -239,7 +239,8 @@ def _quantize_kernel(
     modes) the transposed copy stores the same codes. HW_NEAREST (compiled sm_90+)
     rounds to nearest through the hardware conversion (:func:`round_to_code_hw`). The
     amax and the overflow counts accumulate per element in registers and are reduced
-    once per tile.
+    once per tile (FAST: the chunks' peaks and a scalar count of the chunks that take
+    the fix-ups).
 
     FAST (no scale or one tensor scale, and a transposed copy only of the same codes):
     each chunk first reduces its max |x|, NaN-propagating. Where that max times the inverse

@@ -7,7 +7,8 @@ on the GPU/interpreter and :func:`round_to_code_reference` on the reference
 backend. Both work on the fp32 bit pattern with integer operations only (the
 Triton interpreter's fp32->fp8 conversion is wrong when rounding carries into the
 exponent). The one exception: compiled sm_90+ nearest casts use the hardware
-conversion with explicit fix-ups, :func:`round_to_code_hw` (numerics.md 3). The
+conversion, :func:`round_to_code_hw` with explicit fix-ups (numerics.md 3), or
+:func:`hw_code` alone on chunks that cannot overflow and hold no Inf or NaN. The
 result is the target format's integer code, stored through a uint8/uint16 view.
 
 Random words (:func:`random_words_2d`, :func:`random_words_1d`, twin
@@ -91,7 +92,7 @@ def round_to_code(
     sig = tl.where(biased == 0, frac, frac | 0x800000)
     e = tl.where(biased == 0, -126, biased - 127)
     e_eff = tl.maximum(e, EMIN)
-    shift = (23 - MAN_BITS) + (e_eff - e)  # >= 20; every shift below is clamped to 31 (sig < 2**24)
+    shift = (23 - MAN_BITS) + (e_eff - e)  # >= 13 (fp16), 20 / 21 (fp8); clamped below where a shift needs it
     q = sig >> tl.minimum(shift, 31)
     if STOCHASTIC:
         # The dropped bits D aligned as numerics.md 2 uses them: D << (32 - shift) for shift <= 32,
