@@ -127,6 +127,19 @@ def test_an_interrupted_invocation_resumes(tmp_path, monkeypatch):
     assert "2 runs resumed" in (tmp_path / "report.md").read_text()
 
 
+def test_a_run_is_keyed_by_its_own_configuration():
+    import dataclasses
+
+    from tritonfp8 import reproduce as rp
+
+    cfg = rconfig.task_config("text-gpt", full=True)
+    arm = rconfig.ARMS["mellempudi2019"]
+    key = rp._run_file(cfg, arm, 0)
+    assert rp._run_file(dataclasses.replace(cfg, arms=("fp32",)), arm, 0) == key  # other arms: same run
+    assert rp._run_file(dataclasses.replace(cfg, lr=1e-3), arm, 0) != key
+    assert rp._run_file(cfg, arm, 1) != key and rp._run_file(cfg, rconfig.ARMS["hybrid"], 0) != key
+
+
 def test_readme_section_is_written_between_the_markers(smoke, tmp_path, capsys):
     rc, smoke_out, err = smoke
     assert rc == 0, err

@@ -163,7 +163,9 @@ def rebuild(out: Path) -> dict:
 
 
 def _run_file(cfg: TaskConfig, arm, seed: int) -> str:
-    key = json.dumps([cfg.as_dict(), arm.as_dict(), seed], sort_keys=True, default=str)
+    task = cfg.as_dict()
+    task.pop("arms")  # which other arms a task runs does not change this run
+    key = json.dumps([task, arm.as_dict(), seed], sort_keys=True, default=str)
     return f"{cfg.task}.{arm.name}.seed{seed}.{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
 
 
