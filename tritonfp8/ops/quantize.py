@@ -152,14 +152,16 @@ def _quantize_head(
         else:
             owner = valid & first_chunk
         scale_ptrs = scale_ptr + gm * stride_sm + gk * stride_sk
-        if GIVEN_SCALE and MODE == MODE_TENSOR:
+        if MODE == MODE_TENSOR:  # one scale, computed once per program by the kernel
             inv = tensor_inv
+            if not GIVEN_SCALE:
+                tl.store(scale_ptrs, tensor_scale, mask=owner)
+                if ALSO_TRANSPOSED:  # the transposed copy shares it
+                    tl.store(scale_t_ptr, tensor_scale, mask=owner)
         elif GIVEN_SCALE:
             inv = inv_scale_from_scale(tl.load(scale_ptrs, mask=valid, other=1.0))
         else:
-            if MODE == MODE_TENSOR:
-                amax = 0.0  # unused: tensor_inv / tensor_scale hold its scale
-            elif MODE == MODE_ROW:
+            if MODE == MODE_ROW:
                 amax = tl.load(amax_rows_ptr + offs_m, mask=in_m, other=0.0)[:, None]
             elif MODE == MODE_COL:
                 amax = tl.load(amax_cols_ptr + offs_k, mask=in_k, other=0.0)[None, :]
@@ -173,13 +175,8 @@ def _quantize_head(
                 inv, scale_code = e8m0_from_amax(amax, EMAX, MX_MAX_FRAC)
                 tl.store(scale_ptrs, scale_code.to(tl.uint8), mask=owner)
             else:
-                if MODE == MODE_TENSOR:
-                    inv, scale = tensor_inv, tensor_scale
-                else:
-                    inv, scale = inv_scale_from_amax(amax, FMAX_MARGIN, POW2)
+                inv, scale = inv_scale_from_amax(amax, FMAX_MARGIN, POW2)
                 tl.store(scale_ptrs, scale, mask=owner)
-                if ALSO_TRANSPOSED:  # MODE_TENSOR: one scale
-                    tl.store(scale_t_ptr, scale, mask=owner)
         y = x * inv
     if HW_NEAREST and BARE:
         code = hw_code(y, EXP_BITS)
@@ -282,14 +279,14 @@ def _quantize_kernel(
     for c in range(0, TILE_M, CHUNK_M):
         offs_m = pid_m * TILE_M + c + tl.arange(0, CHUNK_M)
         x = _load_chunk(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
+        if STOCHASTIC:  # each element's word of Philox(seed, offset in x's [M, K] view // 4)
+            rand = random_words_2d(seed, offs_m, pid_k * TILE_K, K, CHUNK_M, TILE_K, RAND4)
+        else:
+            rand = 0
         if FAST:
             absx = tl.abs(x)
             peak = tl.reduce(tl.reduce(absx, 1, max_propagating_nan), 0, max_propagating_nan)
             peak_amax = max_propagating_nan(peak_amax, peak)
-            if STOCHASTIC:  # each element's word of Philox(seed, offset in x's [M, K] view // 4)
-                rand = random_words_2d(seed, offs_m, pid_k * TILE_K, K, CHUNK_M, TILE_K, RAND4)
-            else:
-                rand = 0
             if peak * tl.abs(tensor_inv) < FAST_LIMIT:  # False for a NaN peak; |inv|: a given scale may be < 0
                 _quantize_head(
                     x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
@@ -313,10 +310,6 @@ def _quantize_kernel(
             absx = abs_nan_as_inf(x)
             if RECORD_AMAX and not SPANS:  # with SPANS the first pass has the tile's amax
                 amax_acc = tl.maximum(amax_acc, absx)
-            if STOCHASTIC:  # each element's word of Philox(seed, offset in x's [M, K] view // 4)
-                rand = random_words_2d(seed, offs_m, pid_k * TILE_K, K, CHUNK_M, TILE_K, RAND4)
-            else:
-                rand = 0
             overflowed = _quantize_head(
                 x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
                 out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, span_col_amax,

@@ -106,19 +106,6 @@ def _per_seed(a: dict, b: dict) -> list[float]:
     return [x - y for x, y in _pairs(a, b)]
 
 
-def _paired_diff(a: dict, b: dict) -> tuple[float, float, int]:
-    """(mean, standard error, count) of the per-seed differences a - b over the seeds both arms ran.
-
-    The arms of one seed share initial weights and data order, so the per-seed difference
-    removes the seed-to-seed spread that both arms share; this is the comparison the design is for.
-    """
-    diffs = _per_seed(a, b)
-    if not diffs:
-        return math.nan, math.nan, 0
-    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
-    return statistics.fmean(diffs), se, len(diffs)
-
-
 # Student's t, two-sided 95%, by degrees of freedom (a dof between entries takes the smaller
 # entry's, i.e. the wider interval); above 30, 2.0.
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -165,13 +152,13 @@ def findings(cfg: TaskConfig, summary: dict) -> list[dict]:
                 a = summary.get(name)
                 if a is None:
                     continue
-                d, se, pairs = _paired_diff(a, full)
-                visible = d < -ACC_TOLERANCE and (pairs < 2 or -d > VISIBLE_SE * se)
+                c = compare(cfg.metric, a, full)
+                d, se, pairs, visible = c["diff"], c["se"], c["n"], c["worse"]
                 if visible:
                     worse.append(name)
                 stats = (f", paired SE {se:.2f} over {pairs} seeds (unpaired SE {_diff_se(a, full):.2f})"
-                         f"{_fmt_ci(paired_ci(_per_seed(a, full)))}; "
-                         f"per seed {', '.join(f'{x:+.2f}' for x in _per_seed(a, full))}" if pairs > 1 else "")
+                         f"{_fmt_ci(c['ci'])}; per seed {', '.join(f'{x:+.2f}' for x in c['per_seed'])}"
+                         if pairs > 1 else "")
                 lines.append(f"{name} {a['mean']:.2f}% ({d:+.2f} points vs the full recipe{stats}; "
                              f"{a['gap_to_fp32']:+.2f} vs fp32)"
                              f"{f' VISIBLY WORSE ({-d - ACC_TOLERANCE:.2f} points beyond the threshold)' if visible else ''}")
@@ -232,7 +219,10 @@ CLAIMS = (
 def compare(metric: str, a: dict, b: dict) -> dict:
     """``a`` against ``b`` per seed: 'diff' (points of accuracy, or % of b's validation loss; positive
     is better for ``a``), its paired SE, the paired 95% CI, the per-seed values, and whether ``a`` is
-    'visibly' better / worse (beyond the tolerance and, with 2+ seeds, 2 paired standard errors)."""
+    'visibly' better / worse (beyond the tolerance and, with 2+ seeds, 2 paired standard errors).
+
+    The arms of one seed share initial weights and data order, so the per-seed difference
+    removes the seed-to-seed spread that both arms share; this is the comparison the design is for."""
     if metric == "test_acc":
         per_seed, tol = _per_seed(a, b), ACC_TOLERANCE
     else:
