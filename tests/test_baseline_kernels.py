@@ -32,6 +32,40 @@ def test_hw_cast_keeps_grid_values_and_transposes(transpose):
         assert torch.equal(codes_t.cpu().view(torch.uint8), codes.cpu().view(torch.uint8).t())
 
 
+@pytest.mark.parametrize("scaling,transpose", [((1, 128), False), ((1, 128), True), ((128, 128), False),
+                                                ((128, 128), True), ("mx", False)], ids=str)
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "approx-div"])
+def test_hw_block_cast_scales_each_group(scaling, transpose, exact):
+    """Every group of grid values times 2**k with max |x| = 448 * 2**k gets the scale 2**k and keeps
+    its codes; the transposed copy's groups (B x 1 on x for 1 x B) get their own scales."""
+    sc = tf8.Scaling.parse(scaling)
+    rows, cols = 256, 256
+    gm, gk = sc.group_shape(rows, cols)
+    g = torch.Generator().manual_seed(4)
+    powers = torch.randint(-6, 7, (rows // gm, cols // gk), generator=g).float()
+    grid = _grid_values((rows, cols), seed=5)
+    grid[::gm, ::gk] = 448.0  # each group's largest value (and, for 1 x 128, each column's: row 0)
+    x = grid * torch.exp2(powers).repeat_interleave(gm, 0).repeat_interleave(gk, 1)
+    out = baseline.hw_block_cast(x.to(KERNEL_DEVICE), scaling, "e4m3", transpose, exact)
+    codes, scale = out[0].cpu(), out[1].cpu()
+    assert torch.equal(codes.view(torch.uint8), grid.to(torch.float8_e4m3fn).view(torch.uint8))
+    stored = torch.exp2(powers)
+    if sc.is_mx:
+        assert torch.equal(scale.to(torch.int32), (powers + 127).to(torch.int32))
+    else:
+        assert torch.allclose(scale, stored, rtol=0 if exact else 2**-22)
+    if transpose:
+        codes_t, scale_t = out[2].cpu(), out[3].cpu()
+        # (the transposed copy's scales are laid out in x's coordinates)
+        if scaling == (128, 128):
+            assert torch.equal(codes_t.view(torch.uint8), codes.view(torch.uint8).t())
+            assert torch.allclose(scale_t, stored, rtol=0 if exact else 2**-22)
+        else:  # B x 1 groups on x: each column's max |x| over 128 rows; exact: the reciprocal of 448 / amax
+            col_amax = x.abs().reshape(rows // 128, 128, cols).amax(1)
+            inv = torch.full_like(col_amax, 448.0) / col_amax  # (448 / t is 448 * (1 / t) in torch: inexact)
+            assert torch.allclose(scale_t, torch.ones_like(inv) / inv, rtol=0 if exact else 2**-22)  # [M / 128, K]
+
+
 def test_philox4_cast_keeps_grid_values_and_rounds_between_neighbours():
     x = _grid_values((64, 128))
     assert torch.equal(baseline.philox4_cast(x.to(KERNEL_DEVICE), 3).cpu().view(torch.uint8),

@@ -178,6 +178,54 @@ def test_fast_nearest_chunks_store_the_bare_conversion_and_the_rest_fix_up(fmt, 
         assert torch.equal(got[4].cpu().view(torch.uint8), codes.t())
 
 
+def _block_grid_input(fmt, scaling, rows: int, cols: int) -> torch.Tensor:
+    """x [rows, cols] whose scale groups each hold values of the format's grid times 2**k (k per
+    group, from -6 to 6) and ±fmt.max * 2**k, so that every group's inverse scale is exactly 2**-k
+    (max / amax; MX: the power of two) and the scaled values stay on the grid, where the
+    interpreter's conversion is exact; a NaN in one group and an Inf in another (k = 0 there)."""
+    grid = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fmt.torch_dtype).float()
+    grid = grid[torch.isfinite(grid)]
+    g = torch.Generator().manual_seed(1)
+    x = grid[torch.randint(0, grid.numel(), (rows, cols), generator=g)]
+    gm, gk = tf8.Scaling.parse(scaling).group_shape(rows, cols)
+    for r in range(0, rows, gm):
+        for c in range(0, cols, gk):
+            special = r <= 5 < r + gm and c <= 3 < c + gk or r <= 200 < r + gm and c <= 90 < c + gk
+            k = 0 if special else int(torch.randint(-6, 7, (), generator=g))
+            x[r, c] = fmt.max if (r + c) % 2 else -fmt.max
+            x[r:r + gm, c:c + gk] *= 2.0**k
+    x[5, 3], x[200, 90] = float("nan"), float("inf")
+    return x
+
+
+@pytest.mark.parametrize("scaling,transpose", [((1, 128), False), ((128, 1), False), ((128, 128), False),
+                                                ((128, 128), True), ("mx", False)], ids=str)
+@pytest.mark.parametrize("fmt", [tf8.E4M3, tf8.E5M2], ids=["e4m3", "e5m2"])
+def test_fast_block_nearest_stores_the_bare_conversion_and_the_rest_fix_up(fmt, scaling, transpose):
+    """Block and MX scales with hardware nearest, interpreted: the chunks (tiles) whose groups'
+    scaled max is below the overflow midpoint store the bare conversion of x times the group's
+    inverse scale, those with the NaN and the Inf take the fix-ups. On grid values (power-of-two
+    scales) the codes, scales, counts and amax must equal the reference's; a (128, 128) transposed
+    copy (the same groups) is the transpose of the codes. (Other transposed copies have other
+    groups, whose scales are no powers of two here: the general path, tested in test_cast_kernel.)"""
+    x = _block_grid_input(fmt, scaling, 260, 200)
+    sc = tf8.Scaling.parse(scaling)
+    meta = q.quantize_meta(fmt, sc, "nearest", True, transpose, False, 0, False, *x.shape, hardware_nearest=True)
+    assert meta["HW_NEAREST"] and meta["FAST"]
+    got = q._quantize_triton(x.to(KERNEL_DEVICE), fmt, "nearest", sc, 0, True, transpose, None, 0, False,
+                             hardware=True)
+    want = q.quantize_reference(x, fmt, "nearest", sc, 0, True, transpose, None, 0, False)
+    names = ["codes", "scale", "amax", "saturated", "transposed codes", "transposed scale"]
+    for name, g_, w in zip(names, got, want):
+        g_ = g_.cpu()
+        if g_.dtype != w.dtype or g_.element_size() == 1:
+            g_, w = g_.view(torch.uint8), w.view(torch.uint8)
+        assert torch.equal(g_, w), name
+    assert got[2].item() == float("inf")
+    if transpose and scaling == (128, 128):
+        assert torch.equal(got[4].cpu().view(torch.uint8), got[0].cpu().view(torch.uint8).t())
+
+
 def test_the_probe_takes_both_paths_of_fast_nearest():
     """The probe (every bf16 pattern) reaches chunks without and with fix-ups in both formats."""
     x = q._nearest_probe_values()

@@ -178,13 +178,13 @@ def test_nearest_error_is_within_half_an_ulp(scaling):
     assert torch.all(err[in_range] <= (quantum * scale)[in_range] / 2 * (1 + 1e-6))
 
 
-def _in_range_input(fmt) -> torch.Tensor:
-    """x [128, 128] of finite values at every magnitude the stochastic rounding treats differently:
+def _in_range_input(fmt, rows: int = 128, cols: int = 128) -> torch.Tensor:
+    """x [rows, cols] of finite values at every magnitude the stochastic rounding treats differently:
     the format's normal and subnormal ranges, below its smallest subnormal (more than 32 dropped
     bits), fp32 subnormals, zeros of both signs and its largest value; no Inf, NaN or overflow."""
     g = torch.Generator().manual_seed(7)
-    exponents = torch.randint(-150, int(torch.log2(torch.tensor(fmt.max)).item()), (128, 128), generator=g)
-    x = torch.randn(128, 128, generator=g).clamp(-1.9, 1.9) * torch.exp2(exponents.float())
+    exponents = torch.randint(-150, int(torch.log2(torch.tensor(fmt.max)).item()), (rows, cols), generator=g)
+    x = torch.randn(rows, cols, generator=g).clamp(-1.9, 1.9) * torch.exp2(exponents.float())
     flat = x.view(-1)
     flat[:6] = torch.tensor([0.0, -0.0, fmt.max, -fmt.max, fmt.min_subnormal, -fmt.min_subnormal / 3])
     flat[6:10] = torch.tensor([1e-45, -3e-44, 1.1754942e-38, 2.0**-60])  # fp32 subnormals, tiny normals
@@ -209,6 +209,30 @@ def test_in_range_chunks_skip_the_fixups_and_keep_the_bits(rounding, fmt, scalin
     a, b = _both(x, fmt, rounding=rounding, scaling=scaling, seed=11, transpose=transpose, saturate=True)
     _assert_same(a, b)
     assert scaling != "none" or int(b.saturated) == 1
+
+
+@pytest.mark.parametrize("case", [
+    ((1, 128), "e4m3", "nearest", False), ((1, 128), "e5m2", "stochastic", False),
+    ((128, 1), "e4m3", "stochastic", False), ((128, 128), "e5m2", "nearest", False),
+    ((128, 128), "e4m3", "stochastic", True), ((128, 128), "e4m3", "nearest", True),
+    ((1, 32), "e4m3", "stochastic", False), ("mx", "e4m3", "nearest", False), ("mx", "e5m2", "stochastic", False),
+], ids=str)
+def test_in_range_block_chunks_skip_the_fixups_and_keep_the_bits(case):
+    """Block and MX scales: the kernel bounds each row group of a chunk (1 x B) or the tile's groups
+    (B x 1, B x B: once per tile) by their scaled max |x| and rounds what cannot overflow without the
+    fix-ups, computing the groups' scales once. Several tiles, partial groups at both edges, and a
+    NaN and an Inf whose chunks (tiles) take the fix-ups: the reference's bits, scales, counts and
+    amax. A (128, 128) transposed copy holds the same codes, transposed."""
+    scaling, fmt, rounding, transpose = case
+    f = {"e4m3": tf8.E4M3, "e5m2": tf8.E5M2}[fmt]
+    x = _in_range_input(f, 260, 300)
+    x[:, 130:140] *= f.max  # groups whose scaled max lands near max from either side of an ulp
+    a, b = _both(x, fmt, rounding=rounding, scaling=scaling, seed=5, transpose=transpose)
+    _assert_same(a, b)
+    x[5, 3], x[200, 290] = float("nan"), float("inf")
+    a, b = _both(x, fmt, rounding=rounding, scaling=scaling, seed=5, transpose=transpose, saturate=False)
+    _assert_same(a, b)
+    assert b.amax.item() == float("inf")
 
 
 @pytest.mark.parametrize("given", [-1e-3, -0.0, 0.0, float("inf"), 2.0**-3])

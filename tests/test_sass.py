@@ -143,7 +143,7 @@ def test_memory_model_is_the_smaller_of_issue_and_bandwidth():
     assert slow["bound"] == "issue" and slow["fraction_of_hbm"] == 0.5
 
 
-_FILTER = "|".join(["cast e4m3 tensor nearest bf16", "cast e4m3 none stochastic bf16",
+_FILTER = "|".join(["cast e4m3 tensor nearest bf16", "cast e4m3 none stochastic bf16", "cast e4m3 1x128 nearest bf16",
                     "tma 64x128x128/g8/w4/s4 e4m3xe4m3 a:tensor", "attention_fwd[D=128,bf16,",
                     "optimizer adamw_bf16_bf16_sr", "-> bf16 fast-acc"])
 
@@ -168,10 +168,10 @@ def _row(rows, name, target="sm_90"):
 def test_report_compiles_the_chosen_rows_and_their_references(report):
     rep, md = report
     names = {r["name"] for r in rep["rows"]}
-    # the 6 chosen rows and their 5 references (the optimizer has none)
-    assert len(names) == 11, sorted(names)
+    # the 7 chosen rows and their 6 references (the optimizer has none)
+    assert len(names) == 13, sorted(names)
     for ref in ("ref hw cast e4m3 bf16", "ref philox4 cast e4m3 bf16", "ref gemm no promotion 64x128x128/g8/w4/s4",
-                "ref attention fwd hw P D=128"):
+                "ref attention fwd hw P D=128", "ref hw block cast e4m3 1x128 bf16"):
         assert ref in names, ref
     assert not rep["failed"] and all(r["ok"] for r in rep["rows"])
     # products and attention also for sm_100, casts for sm_90 only
@@ -221,6 +221,12 @@ def test_the_kernels_compiled_code_has_the_expected_instructions(report):
     # is therefore shorter than the one with them (a kernel without the split has no slow path to report)
     assert nearest["slow_path_instructions_per_element"] > nearest["instructions_per_element"]
     assert _count(nearest, "PRMT") / nearest["per_thread"] <= 1.5
+    # a 1 x 128 block cast: the same split; its reference computes the groups' scales (exact divisions) too
+    block = _row(rows, "cast e4m3 1x128 nearest bf16")
+    block_ref = _row(rows, "ref hw block cast e4m3 1x128 bf16")
+    assert block["reference"] == block_ref["name"] and _count(block["parts"][0], "F2FP.SATFINITE.E4M3") > 0
+    assert block["parts"][0]["slow_path_instructions_per_element"] > block["parts"][0]["instructions_per_element"]
+    assert _count(block_ref["parts"][0], "FCHK") > 0  # div.rn's range check: the exact division
     assert _count(stochastic, "F2FP") == 0
     assert _count(stochastic, "IMAD.HI") / stochastic["per_thread"] <= 6
     assert _count(attention, "F2FP.SATFINITE.E4M3") > 0

@@ -357,8 +357,13 @@ def _cast_workloads() -> list:
                     spec = spec_from_launch(launch.kernel.__name__, launch)
                     parts.append(Part(spec, _cast_unit(spec, 2, transpose, stores=not is_amax), prepass=is_amax))
                 name = f"cast e4m3 {sc} {rounding}{' +T' if transpose else ''} bf16"
-                reference = (f"ref hw cast e4m3{' +T' if transpose else ''} bf16" if rounding == "nearest"
-                             else "ref philox4 cast e4m3 bf16")
+                plus_t = ' +T' if transpose else ''
+                if rounding == "stochastic":
+                    reference = "ref philox4 cast e4m3 bf16"
+                elif sc.kind in ("block", "mx"):  # its groups' amax and scales are part of the job
+                    reference = f"ref hw block cast e4m3 {sc}{plus_t} bf16"
+                else:
+                    reference = f"ref hw cast e4m3{plus_t} bf16"
                 goal = "ipe_ratio<=1.3" if rounding == "nearest" else "ipe<=45"
                 rows.append(Workload(name, "cast", parts, reference=reference, goal=goal))
     for transpose in (False, True):
@@ -367,6 +372,13 @@ def _cast_workloads() -> list:
         spec = spec_from_launch("_hw_cast_kernel", launches[0])
         rows.append(Workload(f"ref hw cast e4m3{' +T' if transpose else ''} bf16", "cast",
                              [Part(spec, _cast_unit(spec, 2, transpose))], is_reference=True))
+        for scaling, exact in (((1, 128), True), ((1, 128), False), ((128, 128), True), ("mx", True)):
+            sc = Scaling.parse(scaling)
+            with captured_launches() as launches:
+                baseline.hw_block_cast(x, scaling, "e4m3", transpose, exact)
+            spec = spec_from_launch("_hw_block_cast_kernel", launches[0])
+            name = f"ref hw block cast e4m3 {sc}{'' if exact else ' approx-div'}{' +T' if transpose else ''} bf16"
+            rows.append(Workload(name, "cast", [Part(spec, _cast_unit(spec, 2, transpose))], is_reference=True))
     with captured_launches() as launches:
         baseline.philox4_cast(x, 1234, "e4m3")
     spec = spec_from_launch("_philox4_cast_kernel", launches[0])

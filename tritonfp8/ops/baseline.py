@@ -6,6 +6,13 @@ follow numerics.md and are never called by the library:
 
 * ``hw_cast``: a nearest cast through the hardware conversion (``.to(fp8)``, i.e.
   ``cvt.rn.satfinite`` on sm_90), its amax kept in registers and reduced once per tile.
+* ``hw_block_cast``: a nearest cast with block scales (1 x B rows, B x B tiles, MX's
+  1 x 32 E8M0 groups) through the hardware conversion: each group's max |x| (a B x B
+  tile's from a first pass over it), its inverse scale and scale, one multiply per
+  element; with a transposed copy, the other groups' (B x 1) scales from a first pass.
+  The report's reference divides exactly, as numerics.md's scales are defined; the
+  ``approx-div`` row (Triton's default division, as DeepSeek-V3's kernels divide) shows
+  what that exactness costs.
 * ``philox4_cast``: a stochastic cast that draws one Philox call per 4 elements and
   adds the random bits below the target's mantissa (normal range only).
 * ``gemm_no_promotion``: the persistent TMA fp8 GEMM with plain fp32 tensor-core
@@ -24,7 +31,8 @@ import triton.language as tl
 
 from ..tensor import Scaling
 from .matmul import CONFIGS, TensorDescriptor, _tile_coords
-from .quantize import NUM_WARPS, quantize_tile
+from .quantize import NUM_WARPS, quantize_meta, quantize_tile
+from .rounding import e8m0_from_amax
 
 _FP8_TYPES = {"e4m3": tl.float8e4nv, "e5m2": tl.float8e5}
 # Bits of an fp32 mantissa below the target's: the stochastic reference adds that many random bits.
@@ -51,6 +59,67 @@ def _hw_cast_kernel(x_ptr, out_ptr, out_t_ptr, inv_scale_ptr, amax_ptr, M, K, st
         if TRANSPOSE:  # the same codes, stored as x^T [K, M]
             tl.store(out_t_ptr + offs_k[:, None] * M + offs_m[None, :], tl.trans(y), mask=tl.trans(mask))
     tl.atomic_max(amax_ptr, tl.max(tl.max(amax, axis=1), axis=0))
+
+
+@triton.jit
+def _block_scale(amax, FMAX: tl.constexpr, E8M0: tl.constexpr, EMAX: tl.constexpr, MAX_FRAC: tl.constexpr,
+                 EXACT: tl.constexpr):
+    """(inverse scale, stored scale) of groups with max |x| ``amax``: FMAX / amax and its
+    reciprocal (EXACT: IEEE divisions, as numerics.md's scales; else Triton's default fp32
+    division, an approximation: DeepSeek-V3's reference kernels), or MX's power of two and
+    its E8M0 code."""
+    if E8M0:
+        inv, code = e8m0_from_amax(amax, EMAX, MAX_FRAC)
+        stored = code.to(tl.uint8)
+    elif EXACT:
+        inv = tl.math.div_rn(tl.zeros_like(amax) + FMAX, amax)
+        stored = tl.math.div_rn(tl.zeros_like(inv) + 1.0, inv)
+    else:
+        inv = FMAX / amax
+        stored = amax / FMAX
+    return inv, stored
+
+
+@triton.jit
+def _hw_block_cast_kernel(x_ptr, out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, M, K, stride_xm, stride_xk,
+                          stride_sm, stride_sk, stride_tsm, stride_tsk,
+                          FP8: tl.constexpr, FMAX: tl.constexpr, E8M0: tl.constexpr, EMAX: tl.constexpr,
+                          MAX_FRAC: tl.constexpr, EXACT: tl.constexpr, SQUARE: tl.constexpr, TRANSPOSE: tl.constexpr,
+                          TILE_M: tl.constexpr, TILE_K: tl.constexpr, CHUNK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_k = pid_k * TILE_K + tl.arange(0, TILE_K)
+    if SQUARE or TRANSPOSE:  # groups spanning the tile's rows: a first pass for their max |x|
+        acc = tl.zeros([CHUNK_M, TILE_K], dtype=tl.float32)
+        for c in range(0, TILE_M, CHUNK_M):
+            offs_m = pid_m * TILE_M + c + tl.arange(0, CHUNK_M)
+            mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+            acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
+        col_amax = tl.max(acc, axis=0)
+        if SQUARE:  # one group: the tile (the transposed copy holds the same codes)
+            inv, scale = _block_scale(tl.max(col_amax, axis=0), FMAX, E8M0, EMAX, MAX_FRAC, EXACT)
+            tl.store(scale_ptr + pid_m * stride_sm + pid_k * stride_sk, scale)
+            if TRANSPOSE:
+                tl.store(scale_t_ptr + pid_m * stride_tsm + pid_k * stride_tsk, scale)
+        else:  # the transposed copy's groups: B x 1 on x
+            inv_t, scale_t = _block_scale(col_amax, FMAX, E8M0, EMAX, MAX_FRAC, EXACT)
+            tl.store(scale_t_ptr + pid_m * stride_tsm + offs_k * stride_tsk, scale_t, mask=offs_k < K)
+    for c in range(0, TILE_M, CHUNK_M):
+        offs_m = pid_m * TILE_M + c + tl.arange(0, CHUNK_M)
+        mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        if not SQUARE:  # 1 x B groups: one per row of the chunk
+            inv, scale = _block_scale(tl.max(tl.abs(x), axis=1), FMAX, E8M0, EMAX, MAX_FRAC, EXACT)
+            tl.store(scale_ptr + offs_m * stride_sm + pid_k * stride_sk, scale, mask=offs_m < M)
+            inv = inv[:, None]
+        y = (x * inv).to(FP8)
+        tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], y, mask=mask)
+        if TRANSPOSE:
+            if not SQUARE:
+                y = (x * inv_t[None, :]).to(FP8)
+            tl.store(out_t_ptr + offs_k[:, None] * M + offs_m[None, :], tl.trans(y), mask=tl.trans(mask))
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -144,6 +213,34 @@ def hw_cast(x: torch.Tensor, fmt: str = "e4m3", transpose: bool = False):
         num_warps=NUM_WARPS,
     )
     return (out, out_t) if transpose else out
+
+
+def hw_block_cast(x: torch.Tensor, scaling, fmt: str = "e4m3", transpose: bool = False, exact: bool = True):
+    """x [M, K] -> fp8 codes [M, K] (and [K, M] with ``transpose``) with ``scaling``'s block
+    scales ((1, B), (B, B) or "mx"), in the shipped cast kernel's tiles and chunks; ``exact``:
+    the scales by IEEE division (numerics.md's), else by Triton's approximate one."""
+    from ..formats import get_format
+
+    sc = Scaling.parse(scaling)
+    f = get_format(fmt)
+    m, k = x.shape
+    meta = quantize_meta(f, sc, "nearest", True, transpose, False, 0, False, m, k, hardware_nearest=True)
+    square = meta["MODE"] == 6
+    dtype = torch.float8_e4m3fn if fmt == "e4m3" else torch.float8_e5m2
+    scale_dtype = torch.uint8 if sc.is_mx else torch.float32
+    out = torch.empty((m, k), dtype=dtype, device=x.device)
+    out_t = torch.empty((k, m) if transpose else (0, 0), dtype=dtype, device=x.device)
+    scale = torch.empty(sc.scale_shape(m, k), dtype=scale_dtype, device=x.device)
+    scale_t = torch.empty(sc.transposed().scale_shape(m, k) if transpose else (1, 1), dtype=scale_dtype,
+                          device=x.device)
+    _hw_block_cast_kernel[(triton.cdiv(m, meta["TILE_M"]), triton.cdiv(k, meta["TILE_K"]))](
+        x, out, out_t, scale, scale_t, m, k, x.stride(0), x.stride(1), scale.stride(0), scale.stride(1),
+        scale_t.stride(0), scale_t.stride(1),
+        FP8=_FP8_TYPES[fmt], FMAX=f.max, E8M0=sc.is_mx, EMAX=meta["EMAX"], MAX_FRAC=meta["MX_MAX_FRAC"],
+        EXACT=exact, SQUARE=square, TRANSPOSE=transpose, TILE_M=meta["TILE_M"], TILE_K=meta["TILE_K"], CHUNK_M=meta["CHUNK_M"],
+        num_warps=NUM_WARPS,
+    )
+    return (out, scale, out_t, scale_t) if transpose else (out, scale)
 
 
 def philox4_cast(x: torch.Tensor, seed: int, fmt: str = "e4m3") -> torch.Tensor:

@@ -90,12 +90,29 @@ def _amax_kernel(
 
 
 @triton.jit
+def _group_inv(amax, scale_ptrs, owner, scale_t_ptrs, ALSO_T: tl.constexpr, E8M0_SCALE: tl.constexpr,
+               FMAX_MARGIN: tl.constexpr, POW2: tl.constexpr, EMAX: tl.constexpr, MX_MAX_FRAC: tl.constexpr):
+    """The inverse scale of groups with max |x| ``amax`` (NaN counted as +inf); stores each group's
+    scale (E8M0: its code) where ``owner``, and also at ``scale_t_ptrs`` with ALSO_T."""
+    if E8M0_SCALE:
+        inv, scale_code = e8m0_from_amax(amax, EMAX, MX_MAX_FRAC)
+        stored = scale_code.to(tl.uint8)
+    else:
+        inv, stored = inv_scale_from_amax(amax, FMAX_MARGIN, POW2)
+    tl.store(scale_ptrs, stored, mask=owner)
+    if ALSO_T:
+        tl.store(scale_t_ptrs, stored, mask=owner)
+    return inv
+
+
+@triton.jit
 def _quantize_head(
     x, absx, rand, offs_m, offs_k, pid_m, pid_k, first_chunk, M, K,
     out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, span_col_amax, span_amax,
-    tensor_inv, tensor_scale, stride_sm, stride_sk,
+    chunk_inv, tensor_scale, stride_sm, stride_sk,
     MODE: tl.constexpr, GIVEN_SCALE: tl.constexpr, E8M0_SCALE: tl.constexpr, TRANSPOSED: tl.constexpr,
     ALSO_TRANSPOSED: tl.constexpr, HW_NEAREST: tl.constexpr, HW_MIDPOINT: tl.constexpr, BARE: tl.constexpr,
+    CALLER_INV: tl.constexpr,
     EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, MAX_CODE: tl.constexpr,
     INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr,
     STOCHASTIC: tl.constexpr, SATURATE: tl.constexpr, POW2: tl.constexpr,
@@ -109,8 +126,10 @@ def _quantize_head(
     the others round with ``round_to_code(IN_RANGE=True)``.
 
     ``span_col_amax`` [TILE_K] and ``span_amax`` [] are the amaxes of groups that span
-    the whole tile (computed in a first pass); ``tensor_inv`` / ``tensor_scale`` the one
-    scale of MODE_TENSOR (computed once per program). TRANSPOSED stores x^T as a contiguous
+    the whole tile (computed in a first pass). ``chunk_inv`` is the inverse scale the
+    caller computed: MODE_TENSOR's one scale (once per program; ``tensor_scale`` is its
+    scale, stored here) and, with CALLER_INV, the groups' scales of the FAST block modes
+    (the caller stored them). TRANSPOSED stores x^T as a contiguous
     [K, M] tensor (the chunk is transposed in registers so the store stays coalesced).
     ALSO_TRANSPOSED stores the same codes both ways (to ``out_ptr`` and, as x^T, to
     ``out_t_ptr``; a computed tensor scale to ``scale_t_ptr`` too): the transposed copy
@@ -152,8 +171,10 @@ def _quantize_head(
         else:
             owner = valid & first_chunk
         scale_ptrs = scale_ptr + gm * stride_sm + gk * stride_sk
-        if MODE == MODE_TENSOR:  # one scale, computed once per program by the kernel
-            inv = tensor_inv
+        if CALLER_INV:  # the FAST block modes' group scales, computed and stored by the kernel
+            inv = chunk_inv
+        elif MODE == MODE_TENSOR:  # one scale, computed once per program by the kernel
+            inv = chunk_inv
             if not GIVEN_SCALE:
                 tl.store(scale_ptrs, tensor_scale, mask=owner)
                 if ALSO_TRANSPOSED:  # the transposed copy shares it
@@ -171,12 +192,8 @@ def _quantize_head(
                 amax = span_col_amax[None, :]
             else:
                 amax = span_amax
-            if E8M0_SCALE:
-                inv, scale_code = e8m0_from_amax(amax, EMAX, MX_MAX_FRAC)
-                tl.store(scale_ptrs, scale_code.to(tl.uint8), mask=owner)
-            else:
-                inv, scale = inv_scale_from_amax(amax, FMAX_MARGIN, POW2)
-                tl.store(scale_ptrs, scale, mask=owner)
+            inv = _group_inv(amax, scale_ptrs, owner, scale_ptrs, False, E8M0_SCALE, FMAX_MARGIN, POW2, EMAX,
+                             MX_MAX_FRAC)
         y = x * inv
     if HW_NEAREST and BARE:
         code = hw_code(y, EXP_BITS)
@@ -217,7 +234,7 @@ def _quantize_kernel(
     # modes
     MODE: tl.constexpr, MODE_T: tl.constexpr, GIVEN_SCALE: tl.constexpr,
     TRANSPOSE: tl.constexpr, RECORD_AMAX: tl.constexpr, E8M0_SCALE: tl.constexpr, RAND4: tl.constexpr,
-    HW_NEAREST: tl.constexpr, HW_MIDPOINT: tl.constexpr, FAST_LIMIT: tl.constexpr,
+    HW_NEAREST: tl.constexpr, HW_MIDPOINT: tl.constexpr, FAST: tl.constexpr, FAST_LIMIT: tl.constexpr,
     # format and rounding
     EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, MAX_CODE: tl.constexpr,
     INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr,
@@ -239,16 +256,23 @@ def _quantize_kernel(
     once per tile (FAST: the chunks' peaks and a scalar count of the chunks that take
     the fix-ups).
 
-    FAST (no scale or one tensor scale, and a transposed copy only of the same codes):
-    each chunk first reduces its max |x|, NaN-propagating. Where that max times the inverse
-    scale is below FAST_LIMIT (nearest: the overflow midpoint; stochastic: just above the
+    FAST (:func:`fast_path`: every mode but row / column current scaling; with a
+    transposed copy, only where it holds the same codes: none, tensor and square blocks)
+    bounds each chunk's scaled values before rounding them. Where the largest scaled
+    |x| is below FAST_LIMIT (nearest: the overflow midpoint; stochastic: just above the
     largest finite value), no value of the chunk can overflow and none is Inf or NaN (the
     scaled values are bounded by the scaled max: rounding is monotonic), so the chunk is
     rounded without the fix-ups (``BARE``: the bare hardware conversion for HW_NEAREST);
-    only other chunks take them. The chunk's max is also its amax.
+    only other chunks take them. The bound is the scaled NaN-propagating max |x| of the
+    chunk (none / tensor) or of each row group in it (1 x B blocks), or of the tile's
+    groups from the first pass (B x 1 and B x B blocks: one check per tile). The block
+    modes' scales are then computed once per chunk (rows) or per tile, here.
     """
-    SAME_CODES: tl.constexpr = TRANSPOSE and (MODE == MODE_T) and ((MODE == MODE_NONE) or (MODE == MODE_TENSOR))
-    FAST: tl.constexpr = ((MODE == MODE_NONE) or (MODE == MODE_TENSOR)) and ((not TRANSPOSE) or SAME_CODES)
+    GLOBAL_ONE: tl.constexpr = (MODE == MODE_NONE) or (MODE == MODE_TENSOR)
+    SQUARE: tl.constexpr = MODE == MODE_TILE  # block shapes are (1, B), (B, 1) or (B, B)
+    SAME_CODES: tl.constexpr = TRANSPOSE and (MODE == MODE_T) and (GLOBAL_ONE or SQUARE)
+    BLOCK_ROWS: tl.constexpr = FAST and (MODE == MODE_TILE_ROWS)  # which bound FAST takes (fast_path)
+    BLOCK_TILE: tl.constexpr = FAST and ((MODE == MODE_TILE_COLS) or (MODE == MODE_TILE))
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_k = pid_k * TILE_K + tl.arange(0, TILE_K)
@@ -256,26 +280,45 @@ def _quantize_kernel(
         TRANSPOSE and ((MODE_T == MODE_TILE_COLS) or (MODE_T == MODE_TILE))
     )
     span_col_amax = tl.zeros([TILE_K], dtype=tl.float32)
-    if SPANS:
+    if SPANS:  # max |x| per element of a chunk over the chunks (NaN-propagating), then across rows once
+        span_acc = tl.zeros([CHUNK_M, TILE_K], dtype=tl.float32)
         for c in range(0, TILE_M, CHUNK_M):
             offs_m = pid_m * TILE_M + c + tl.arange(0, CHUNK_M)
             x = _load_chunk(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
-            span_col_amax = tl.maximum(span_col_amax, tl.max(abs_nan_as_inf(x), axis=0))
+            span_acc = max_propagating_nan(span_acc, tl.abs(x))
+        span_col_amax = tl.reduce(span_acc, 0, max_propagating_nan)
+        span_col_amax = tl.where(span_col_amax != span_col_amax, float("inf"), span_col_amax)
     span_amax = tl.max(span_col_amax, axis=0)
     if RECORD_AMAX and SPANS:  # the first pass saw the whole tile: record its amax now (not live across pass 2)
         tl.atomic_max(amax_ptr, span_amax)
     amax_acc = tl.zeros([CHUNK_M, TILE_K], dtype=tl.float32)
     peak_amax = tl.full([], 0.0, tl.float32)  # FAST's amax: the max of its chunks' peaks (NaN-propagating)
+    row_peaks = tl.zeros([CHUNK_M], dtype=tl.float32)  # BLOCK_ROWS's amax, per row of a chunk (NaN-propagating)
     overflow_count = tl.full([], 0, tl.int32)  # FAST's overflows (the codes are the same both ways)
     saturated = tl.zeros([CHUNK_M, TILE_K], dtype=tl.int32)
     saturated_t = tl.zeros([CHUNK_M, TILE_K], dtype=tl.int32)
-    tensor_inv = 1.0  # MODE_TENSOR's one scale, once per program (it also bounds FAST's chunks)
+    # The inverse scale FAST rounds with (MODE_TENSOR: once per program; BLOCK_TILE: the tile's groups).
+    fast_inv = tl.full([], 1.0, tl.float32)
     tensor_scale = 1.0
     if MODE == MODE_TENSOR:
         if GIVEN_SCALE:
-            tensor_inv = inv_scale_from_scale(tl.load(scale_ptr))
+            fast_inv = inv_scale_from_scale(tl.load(scale_ptr))
         else:
-            tensor_inv, tensor_scale = inv_scale_from_amax(tl.load(amax_ptr), FMAX_MARGIN, POW2)
+            fast_inv, tensor_scale = inv_scale_from_amax(tl.load(amax_ptr), FMAX_MARGIN, POW2)
+    tile_ok = True  # BLOCK_TILE: no scaled value of the tile can overflow
+    if BLOCK_TILE:
+        if MODE == MODE_TILE:  # one group: the tile (stored in both copies' scales when SAME_CODES)
+            group_amax = span_amax
+            tile_inv = _group_inv(group_amax, scale_ptr + pid_m * stride_sm + pid_k * stride_sk, True,
+                                  scale_t_ptr + pid_m * stride_tsm + pid_k * stride_tsk, SAME_CODES, E8M0_SCALE,
+                                  FMAX_MARGIN, POW2, EMAX, MX_MAX_FRAC)
+            tile_ok = group_amax * tile_inv < FAST_LIMIT
+        else:  # B x 1: a group per column of the tile
+            group_amax = span_col_amax[None, :]
+            tile_inv = _group_inv(group_amax, scale_ptr + pid_m * stride_sm + offs_k[None, :] * stride_sk,
+                                  (offs_k < K)[None, :], scale_ptr, False, E8M0_SCALE, FMAX_MARGIN, POW2, EMAX,
+                                  MX_MAX_FRAC)
+            tile_ok = tl.max(tl.max(group_amax * tile_inv, axis=1), axis=0) < FAST_LIMIT
     for c in range(0, TILE_M, CHUNK_M):
         offs_m = pid_m * TILE_M + c + tl.arange(0, CHUNK_M)
         x = _load_chunk(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
@@ -285,14 +328,29 @@ def _quantize_kernel(
             rand = 0
         if FAST:
             absx = tl.abs(x)
-            peak = tl.reduce(tl.reduce(absx, 1, max_propagating_nan), 0, max_propagating_nan)
-            peak_amax = max_propagating_nan(peak_amax, peak)
-            if peak * tl.abs(tensor_inv) < FAST_LIMIT:  # False for a NaN peak; |inv|: a given scale may be < 0
+            if BLOCK_ROWS:  # 1 x B groups: one per row of the chunk
+                row_peak = tl.reduce(absx, 1, max_propagating_nan)
+                row_peaks = max_propagating_nan(row_peaks, row_peak)
+                group_amax = row_peak[:, None]  # a NaN amax gives the scale of an Inf one (unusable: 1)
+                inv = _group_inv(group_amax, scale_ptr + offs_m[:, None] * stride_sm + pid_k * stride_sk,
+                                 (offs_m < M)[:, None], scale_ptr, False, E8M0_SCALE, FMAX_MARGIN, POW2, EMAX,
+                                 MX_MAX_FRAC)
+                bound = tl.reduce(tl.reduce(group_amax * inv, 1, max_propagating_nan), 0, max_propagating_nan)
+                chunk_ok = bound < FAST_LIMIT  # False for a NaN
+            elif BLOCK_TILE:
+                inv = tile_inv
+                chunk_ok = tile_ok
+            else:  # none / tensor: the chunk's max |x| bounds it
+                inv = fast_inv
+                peak = tl.reduce(tl.reduce(absx, 1, max_propagating_nan), 0, max_propagating_nan)
+                peak_amax = max_propagating_nan(peak_amax, peak)
+                chunk_ok = peak * tl.abs(inv) < FAST_LIMIT  # False for a NaN peak; |inv|: a given scale may be < 0
+            if chunk_ok:
                 _quantize_head(
                     x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
                     out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
-                    span_col_amax, span_amax, tensor_inv, tensor_scale, stride_sm, stride_sk,
-                    MODE, GIVEN_SCALE, E8M0_SCALE, False, SAME_CODES, HW_NEAREST, HW_MIDPOINT, True,
+                    span_col_amax, span_amax, inv, tensor_scale, stride_sm, stride_sk,
+                    MODE, GIVEN_SCALE, E8M0_SCALE, False, SAME_CODES, HW_NEAREST, HW_MIDPOINT, True, not GLOBAL_ONE,
                     EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
                     MX_MAX_FRAC,
                 )
@@ -300,8 +358,8 @@ def _quantize_kernel(
                 overflowed = _quantize_head(
                     x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
                     out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
-                    span_col_amax, span_amax, tensor_inv, tensor_scale, stride_sm, stride_sk,
-                    MODE, GIVEN_SCALE, E8M0_SCALE, False, SAME_CODES, HW_NEAREST, HW_MIDPOINT, False,
+                    span_col_amax, span_amax, inv, tensor_scale, stride_sm, stride_sk,
+                    MODE, GIVEN_SCALE, E8M0_SCALE, False, SAME_CODES, HW_NEAREST, HW_MIDPOINT, False, not GLOBAL_ONE,
                     EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
                     MX_MAX_FRAC,
                 )
@@ -313,8 +371,8 @@ def _quantize_kernel(
             overflowed = _quantize_head(
                 x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
                 out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, span_col_amax,
-                span_amax, tensor_inv, tensor_scale, stride_sm, stride_sk,
-                MODE, GIVEN_SCALE, E8M0_SCALE, False, SAME_CODES, HW_NEAREST, HW_MIDPOINT, False,
+                span_amax, fast_inv, tensor_scale, stride_sm, stride_sk,
+                MODE, GIVEN_SCALE, E8M0_SCALE, False, SAME_CODES, HW_NEAREST, HW_MIDPOINT, False, False,
                 EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
                 MX_MAX_FRAC,
             )
@@ -325,12 +383,14 @@ def _quantize_kernel(
                 saturated_t += _quantize_head(
                     x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
                     out_t_ptr, out_t_ptr, scale_t_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
-                    span_col_amax, span_amax, tensor_inv, tensor_scale, stride_tsm, stride_tsk,
-                    MODE_T, GIVEN_SCALE, E8M0_SCALE, True, False, HW_NEAREST, HW_MIDPOINT, False,
+                    span_col_amax, span_amax, fast_inv, tensor_scale, stride_tsm, stride_tsk,
+                    MODE_T, GIVEN_SCALE, E8M0_SCALE, True, False, HW_NEAREST, HW_MIDPOINT, False, False,
                     EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
                     MX_MAX_FRAC,
                 )
-    if RECORD_AMAX and FAST:
+    if RECORD_AMAX and BLOCK_ROWS:
+        peak_amax = tl.reduce(row_peaks, 0, max_propagating_nan)
+    if RECORD_AMAX and FAST and not SPANS:
         tl.atomic_max(amax_ptr, tl.where(peak_amax != peak_amax, float("inf"), peak_amax))
     elif RECORD_AMAX and not SPANS:
         tl.atomic_max(amax_ptr, tl.max(tl.max(amax_acc, axis=1), axis=0))
@@ -355,6 +415,7 @@ DEFAULT_TILE = (64, 128)
 DEFAULT_TILE_TRANSPOSED = (64, 64)
 CHUNK_ELEMENTS = 1024
 FAST_CHUNK_ELEMENTS = 4096  # chunks of the FAST path (its per-chunk check is a block reduction)
+ROW_GROUP_TILE_ELEMENTS = 4 * FAST_CHUNK_ELEMENTS  # a 1 x B block cast's tile: its end-of-tile reductions amortized
 NUM_WARPS = 4
 
 
@@ -379,8 +440,10 @@ def quantize_tile(scaling: Scaling, transpose: bool, m: int = 1 << 30) -> tuple[
         bm, bk = scaling.block
         if transpose:
             tile_m, tile_k = size, size
-        else:  # the dim the block leaves free is filled to 4096 elements per tile
-            tile_m, tile_k = (bm if bm > 1 else 4096 // size, bk if bk > 1 else 4096 // size)
+        elif bm == 1:  # 1 x B groups, a row each: four FAST chunks of them (fewer rows: no empty chunks)
+            tile_m, tile_k = min(ROW_GROUP_TILE_ELEMENTS // size, max(1, triton.next_power_of_2(m))), bk
+        else:  # B x B: the group; B x 1: its free dim filled to 4096 elements per tile
+            tile_m, tile_k = bm, bk if bk > 1 else 4096 // size
     return tile_m, tile_k, max(1, min(tile_m, CHUNK_ELEMENTS // tile_k))
 
 
@@ -394,19 +457,30 @@ def quantize_meta(fmt: Format, scaling: Scaling, rounding: str, saturate: bool, 
     tile_m, tile_k, chunk_m = quantize_tile(scaling, transpose, m)
     needs_prepass = not given_scale and (mode in _GLOBAL_MODES or mode_t in _GLOBAL_MODES)
     hw = hardware_nearest and rounding == "nearest"
-    if mode in (0, 1) and (not transpose or mode_t == mode):
-        # the kernel's FAST path: a chunk's check is one reduction, so the chunks are larger
+    fast = fast_path(mode, mode_t, transpose)
+    if fast:  # a chunk's check is a block reduction (or none), so the chunks are larger
         chunk_m = max(1, min(tile_m, FAST_CHUNK_ELEMENTS // tile_k))
     return dict(
         MODE=mode, MODE_T=mode_t, GIVEN_SCALE=given_scale, TRANSPOSE=transpose,
         RECORD_AMAX=not needs_prepass, E8M0_SCALE=scaling.is_mx, RAND4=k % 4 == 0,
-        HW_NEAREST=hw, HW_MIDPOINT=overflow_midpoint(fmt), FAST_LIMIT=fast_limit(fmt, rounding),
+        HW_NEAREST=hw, HW_MIDPOINT=overflow_midpoint(fmt), FAST=fast, FAST_LIMIT=fast_limit(fmt, rounding),
         EXP_BITS=fmt.exp_bits, MAN_BITS=fmt.man_bits, MAX_CODE=fmt.max_code,
         INF_CODE=fmt.inf_code, NAN_CODE=fmt.nan_code,
         STOCHASTIC=rounding == "stochastic", SATURATE=saturate, POW2=power_of_two,
         FMAX_MARGIN=fmt.max * 2.0**-margin, EMAX=fmt.emax, MX_MAX_FRAC=mx_max_frac(fmt),
         TILE_M=tile_m, TILE_K=tile_k, CHUNK_M=chunk_m,
     )
+
+
+def fast_path(mode: int, mode_t: int, transpose: bool) -> bool:
+    """Whether the cast kernel bounds each chunk's scaled values and rounds the chunks that
+    cannot overflow without the fix-ups (its FAST path): no scale, a tensor scale and block
+    scales (a row, column or square group), with a transposed copy only where it holds the same
+    codes (both copies share every group: none, tensor, square blocks). Row and column current
+    scaling read a prepass amax per row / column, which bounds nothing before the chunk is read."""
+    if mode in (int(MODE_ROW), int(MODE_COL)):
+        return False
+    return not transpose or (mode_t == mode and mode in (int(MODE_NONE), int(MODE_TENSOR), int(MODE_TILE)))
 
 
 def fast_limit(fmt: Format, rounding: str) -> float:

@@ -85,27 +85,41 @@ def round_to_code(
     """
     EMIN: tl.constexpr = 2 - (1 << (EXP_BITS - 1))
     SIGN: tl.constexpr = 1 << (EXP_BITS + MAN_BITS)
+    # An fp32 subnormal (biased exponent 0) drops this many bits or more below the target's
+    # quantum; from 56 on (fp8, fp16) it rounds to zero whatever its significand, so the
+    # normal-number formula (implicit bit set, exponent -127) gives it the right code (0).
+    SUBNORMALS_VANISH: tl.constexpr = (23 - MAN_BITS) + (EMIN + 127) >= 56
     bits = x.to(tl.int32, bitcast=True)
     mag = bits & 0x7FFFFFFF
     biased = mag >> 23
     frac = mag & 0x7FFFFF
-    sig = tl.where(biased == 0, frac, frac | 0x800000)
-    e = tl.where(biased == 0, -126, biased - 127)
-    e_eff = tl.maximum(e, EMIN)
-    shift = (23 - MAN_BITS) + (e_eff - e)  # >= 13 (fp16), 20 / 21 (fp8); clamped below where a shift needs it
-    q = sig >> tl.minimum(shift, 31)
+    # (Each branch is the form ptxas schedules best for those formats: fewer instructions and registers.)
+    if SUBNORMALS_VANISH:
+        sig = frac | 0x800000
+        e = biased - 127
+        e_eff = tl.maximum(e, EMIN)
+        below = e_eff - e  # bits dropped below the smallest exponent
+        code_exp = e_eff - EMIN  # the code's exponent field
+    else:
+        sig = tl.where(biased == 0, frac, frac | 0x800000)
+        biased_eff = tl.maximum(biased, 1)  # fp32 subnormals share the smallest normal's exponent
+        below = tl.maximum((EMIN + 127) - biased_eff, 0)
+        code_exp = biased_eff + below - (EMIN + 127)
+    shift = (23 - MAN_BITS) + below  # >= 13 (fp16), 20 / 21 (fp8); clamped below where a shift needs it
     if STOCHASTIC:
         # The dropped bits D aligned as numerics.md 2 uses them: D << (32 - shift) for shift <= 32,
         # D >> (shift - 32) above (the top 32 dropped bits), in one funnel shift of sig:0 (D = sig
         # once shift >= 24, and 0 for shift >= 56). Round up iff R plus them carries out of 32 bits:
         # R > ~aligned, the same as (R >> (32 - shift)) + D >= 2**shift (resp. D' + R >= 2**32).
+        q = sig >> tl.minimum(shift, 31)
         aligned = ((sig.to(tl.uint64) << 32) >> tl.minimum(shift, 63).to(tl.uint64)).to(tl.uint32)
         up = rand.to(tl.uint32, bitcast=True) > (aligned ^ 0xFFFFFFFF)  # ~aligned (the interpreter's ~ fails on uint32)
     else:
+        q = sig >> tl.minimum(shift, 31)
         dropped = sig - (q << tl.minimum(shift, 31))
         half = 1 << tl.minimum(shift - 1, 30)
         up = (dropped > half) | ((dropped == half) & ((q & 1) == 1))
-    code = ((e_eff - EMIN) << MAN_BITS) + q + up.to(tl.int32)
+    code = (code_exp << MAN_BITS) + q + up.to(tl.int32)
     if IN_RANGE:
         overflow = up & (mag < 0)  # never: |x| is in range
     else:
