@@ -216,13 +216,16 @@ def test_in_range_chunks_skip_the_fixups_and_keep_the_bits(rounding, fmt, scalin
     ((128, 1), "e4m3", "stochastic", False), ((128, 128), "e5m2", "nearest", False),
     ((128, 128), "e4m3", "stochastic", True), ((128, 128), "e4m3", "nearest", True),
     ((1, 32), "e4m3", "stochastic", False), ("mx", "e4m3", "nearest", False), ("mx", "e5m2", "stochastic", False),
+    ((1, 128), "e4m3", "stochastic", True), ((1, 128), "e5m2", "nearest", True), ((128, 1), "e4m3", "nearest", True),
+    ("mx", "e4m3", "stochastic", True),
 ], ids=str)
 def test_in_range_block_chunks_skip_the_fixups_and_keep_the_bits(case):
     """Block and MX scales: the kernel bounds each row group of a chunk (1 x B) or the tile's groups
     (B x 1, B x B: once per tile) by their scaled max |x| and rounds what cannot overflow without the
     fix-ups, computing the groups' scales once. Several tiles, partial groups at both edges, and a
     NaN and an Inf whose chunks (tiles) take the fix-ups: the reference's bits, scales, counts and
-    amax. A (128, 128) transposed copy holds the same codes, transposed."""
+    amax. A (128, 128) transposed copy holds the same codes, transposed; the transposed copy of
+    1 x B groups has B x 1 ones (and the other way round), each copy bounded on its own."""
     scaling, fmt, rounding, transpose = case
     f = {"e4m3": tf8.E4M3, "e5m2": tf8.E5M2}[fmt]
     x = _in_range_input(f, 260, 300)

@@ -533,9 +533,12 @@ _GOALS = {
 _STEADY_STATE = """
     Steady state: a GEMM's or attention's innermost loop holding an MMA; a cast's innermost
     loops (a kernel without loops: all of it up to its first EXIT). A cast whose chunks branch
-    between rounding without and with the overflow / Inf / NaN fix-ups (no scale or one tensor
-    scale) is counted on the path without them, which chunks that cannot overflow take; the
-    other path is ``slow_path_instructions_per_element`` in the JSON.
+    between rounding without and with the overflow / Inf / NaN fix-ups (every scaling but row /
+    column current scaling) is counted on the path without them, which chunks that cannot
+    overflow take; the other path is ``slow_path_instructions_per_element`` in the JSON.
+    Nearest casts with block or MX scales are set beside a reference that computes its groups'
+    scales too (exact divisions, as numerics.md's scales are; an ``approx-div`` row shows the
+    cost of that exactness), the others beside the plain hardware-conversion cast.
 """
 
 

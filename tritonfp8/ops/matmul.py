@@ -196,7 +196,8 @@ def _epilogue_part(
             rand = random_words_2d(seed, offs_m, col0, N, ROWS, COLS, RAND4)
         else:
             rand = 0
-        code, overflow = round_to_code(y, rand, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE)
+        code, overflow = round_to_code(y, rand, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE,
+                                       COMPACT=False)  # (fewer registers here: see round_to_code)
         tl.store(out_ptrs, code.to(tl.uint8), mask=mask)
         tl.atomic_add(saturated_ptr, tl.sum(_flat((overflow & mask).to(tl.int32)), axis=0))
     else:

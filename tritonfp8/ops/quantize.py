@@ -216,6 +216,79 @@ def _quantize_head(
 
 
 @triton.jit
+def _tile_groups_inv(span_col_amax, span_amax, scale_ptr, scale_t_ptr, pid_m, pid_k, offs_k, K,
+                     stride_sm, stride_sk, stride_tsm, stride_tsk, MODE: tl.constexpr, ALSO_T: tl.constexpr,
+                     E8M0_SCALE: tl.constexpr, FMAX_MARGIN: tl.constexpr, POW2: tl.constexpr, EMAX: tl.constexpr,
+                     MX_MAX_FRAC: tl.constexpr, FAST_LIMIT: tl.constexpr):
+    """A head's groups that span the tile's rows (MODE_TILE: the tile; MODE_TILE_COLS: each column),
+    from the first pass's amax: (inverse scale, stored here, with ALSO_T in the transposed copy's
+    scales too; whether no scaled value of the tile can reach FAST_LIMIT)."""
+    if MODE == MODE_TILE:
+        inv = _group_inv(span_amax, scale_ptr + pid_m * stride_sm + pid_k * stride_sk, True,
+                         scale_t_ptr + pid_m * stride_tsm + pid_k * stride_tsk, ALSO_T, E8M0_SCALE, FMAX_MARGIN, POW2,
+                         EMAX, MX_MAX_FRAC)
+        ok = span_amax * inv < FAST_LIMIT
+    else:
+        group_amax = span_col_amax[None, :]
+        inv = _group_inv(group_amax, scale_ptr + pid_m * stride_sm + offs_k[None, :] * stride_sk, (offs_k < K)[None, :],
+                         scale_ptr, False, E8M0_SCALE, FMAX_MARGIN, POW2, EMAX, MX_MAX_FRAC)
+        ok = tl.max(tl.max(group_amax * inv, axis=1), axis=0) < FAST_LIMIT
+    return inv, ok
+
+
+@triton.jit
+def _row_groups_inv(absx, offs_m, M, pid_k, scale_ptr, stride_sm, stride_sk, E8M0_SCALE: tl.constexpr,
+                    FMAX_MARGIN: tl.constexpr, POW2: tl.constexpr, EMAX: tl.constexpr, MX_MAX_FRAC: tl.constexpr,
+                    FAST_LIMIT: tl.constexpr):
+    """A head's 1 x B groups, one per row of a chunk (|x| [CHUNK_M, TILE_K]): (inverse scale
+    [CHUNK_M, 1], stored here; whether no scaled value of the chunk can reach FAST_LIMIT; each
+    row's NaN-propagating max |x|). A NaN amax gets the scale of an Inf one (unusable: 1)."""
+    row_peak = tl.reduce(absx, 1, max_propagating_nan)
+    group_amax = row_peak[:, None]
+    inv = _group_inv(group_amax, scale_ptr + offs_m[:, None] * stride_sm + pid_k * stride_sk, (offs_m < M)[:, None],
+                     scale_ptr, False, E8M0_SCALE, FMAX_MARGIN, POW2, EMAX, MX_MAX_FRAC)
+    bound = tl.reduce(tl.reduce(group_amax * inv, 1, max_propagating_nan), 0, max_propagating_nan)
+    return inv, bound < FAST_LIMIT, row_peak  # (False for a NaN bound)
+
+
+@triton.jit
+def _checked_head(
+    ok, x, absx, rand, offs_m, offs_k, pid_m, pid_k, first_chunk, M, K,
+    out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, span_col_amax, span_amax,
+    chunk_inv, tensor_scale, stride_sm, stride_sk,
+    MODE: tl.constexpr, GIVEN_SCALE: tl.constexpr, E8M0_SCALE: tl.constexpr, TRANSPOSED: tl.constexpr,
+    ALSO_TRANSPOSED: tl.constexpr, HW_NEAREST: tl.constexpr, HW_MIDPOINT: tl.constexpr, CALLER_INV: tl.constexpr,
+    EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, MAX_CODE: tl.constexpr,
+    INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr,
+    STOCHASTIC: tl.constexpr, SATURATE: tl.constexpr, POW2: tl.constexpr,
+    FMAX_MARGIN: tl.constexpr, EMAX: tl.constexpr, MX_MAX_FRAC: tl.constexpr,
+):
+    """A FAST head: the chunk rounded without the fix-ups where ``ok`` (nothing in it can overflow,
+    no Inf, no NaN), with them elsewhere; returns its overflow count (int32 [])."""
+    count = tl.full([], 0, tl.int32)
+    if ok:
+        _quantize_head(
+            x, absx, rand, offs_m, offs_k, pid_m, pid_k, first_chunk, M, K,
+            out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
+            span_col_amax, span_amax, chunk_inv, tensor_scale, stride_sm, stride_sk,
+            MODE, GIVEN_SCALE, E8M0_SCALE, TRANSPOSED, ALSO_TRANSPOSED, HW_NEAREST, HW_MIDPOINT, True, CALLER_INV,
+            EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
+            MX_MAX_FRAC,
+        )
+    else:
+        overflowed = _quantize_head(
+            x, absx, rand, offs_m, offs_k, pid_m, pid_k, first_chunk, M, K,
+            out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
+            span_col_amax, span_amax, chunk_inv, tensor_scale, stride_sm, stride_sk,
+            MODE, GIVEN_SCALE, E8M0_SCALE, TRANSPOSED, ALSO_TRANSPOSED, HW_NEAREST, HW_MIDPOINT, False, CALLER_INV,
+            EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
+            MX_MAX_FRAC,
+        )
+        count = tl.sum(tl.sum(overflowed, axis=1), axis=0)
+    return count
+
+
+@triton.jit
 def _load_chunk(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk):
     mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
@@ -257,7 +330,8 @@ def _quantize_kernel(
     the fix-ups).
 
     FAST (:func:`fast_path`: every mode but row / column current scaling; with a
-    transposed copy, only where it holds the same codes: none, tensor and square blocks)
+    transposed copy, where it holds the same codes (none, tensor, square blocks) or where
+    each copy's groups are bounded on their own (TWO_HEADS: 1 x B rows with B x 1 columns))
     bounds each chunk's scaled values before rounding them. Where the largest scaled
     |x| is below FAST_LIMIT (nearest: the overflow midpoint; stochastic: just above the
     largest finite value), no value of the chunk can overflow and none is Inf or NaN (the
@@ -271,8 +345,7 @@ def _quantize_kernel(
     GLOBAL_ONE: tl.constexpr = (MODE == MODE_NONE) or (MODE == MODE_TENSOR)
     SQUARE: tl.constexpr = MODE == MODE_TILE  # block shapes are (1, B), (B, 1) or (B, B)
     SAME_CODES: tl.constexpr = TRANSPOSE and (MODE == MODE_T) and (GLOBAL_ONE or SQUARE)
-    BLOCK_ROWS: tl.constexpr = FAST and (MODE == MODE_TILE_ROWS)  # which bound FAST takes (fast_path)
-    BLOCK_TILE: tl.constexpr = FAST and ((MODE == MODE_TILE_COLS) or (MODE == MODE_TILE))
+    TWO_HEADS: tl.constexpr = FAST and TRANSPOSE and not SAME_CODES  # 1 x B with B x 1 groups (or B x 1 with 1 x B)
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_k = pid_k * TILE_K + tl.arange(0, TILE_K)
@@ -293,11 +366,12 @@ def _quantize_kernel(
         tl.atomic_max(amax_ptr, span_amax)
     amax_acc = tl.zeros([CHUNK_M, TILE_K], dtype=tl.float32)
     peak_amax = tl.full([], 0.0, tl.float32)  # FAST's amax: the max of its chunks' peaks (NaN-propagating)
-    row_peaks = tl.zeros([CHUNK_M], dtype=tl.float32)  # BLOCK_ROWS's amax, per row of a chunk (NaN-propagating)
-    overflow_count = tl.full([], 0, tl.int32)  # FAST's overflows (the codes are the same both ways)
+    row_peaks = tl.zeros([CHUNK_M], dtype=tl.float32)  # 1 x B groups' amax, per row of a chunk (NaN-propagating)
+    overflow_count = tl.full([], 0, tl.int32)  # FAST's overflows (SAME_CODES: the same both ways)
+    overflow_count_t = tl.full([], 0, tl.int32)  # TWO_HEADS: the transposed copy's
     saturated = tl.zeros([CHUNK_M, TILE_K], dtype=tl.int32)
     saturated_t = tl.zeros([CHUNK_M, TILE_K], dtype=tl.int32)
-    # The inverse scale FAST rounds with (MODE_TENSOR: once per program; BLOCK_TILE: the tile's groups).
+    # The inverse scale FAST rounds with (MODE_TENSOR: once per program).
     fast_inv = tl.full([], 1.0, tl.float32)
     tensor_scale = 1.0
     if MODE == MODE_TENSOR:
@@ -305,20 +379,19 @@ def _quantize_kernel(
             fast_inv = inv_scale_from_scale(tl.load(scale_ptr))
         else:
             fast_inv, tensor_scale = inv_scale_from_amax(tl.load(amax_ptr), FMAX_MARGIN, POW2)
-    tile_ok = True  # BLOCK_TILE: no scaled value of the tile can overflow
-    if BLOCK_TILE:
-        if MODE == MODE_TILE:  # one group: the tile (stored in both copies' scales when SAME_CODES)
-            group_amax = span_amax
-            tile_inv = _group_inv(group_amax, scale_ptr + pid_m * stride_sm + pid_k * stride_sk, True,
-                                  scale_t_ptr + pid_m * stride_tsm + pid_k * stride_tsk, SAME_CODES, E8M0_SCALE,
-                                  FMAX_MARGIN, POW2, EMAX, MX_MAX_FRAC)
-            tile_ok = group_amax * tile_inv < FAST_LIMIT
-        else:  # B x 1: a group per column of the tile
-            group_amax = span_col_amax[None, :]
-            tile_inv = _group_inv(group_amax, scale_ptr + pid_m * stride_sm + offs_k[None, :] * stride_sk,
-                                  (offs_k < K)[None, :], scale_ptr, False, E8M0_SCALE, FMAX_MARGIN, POW2, EMAX,
-                                  MX_MAX_FRAC)
-            tile_ok = tl.max(tl.max(group_amax * tile_inv, axis=1), axis=0) < FAST_LIMIT
+    # Groups spanning the tile's rows: their scales and bound, once per tile (for either copy).
+    tile_inv = fast_inv
+    tile_ok = True
+    if FAST and ((MODE == MODE_TILE_COLS) or (MODE == MODE_TILE)):
+        tile_inv, tile_ok = _tile_groups_inv(span_col_amax, span_amax, scale_ptr, scale_t_ptr, pid_m, pid_k, offs_k, K,
+                                             stride_sm, stride_sk, stride_tsm, stride_tsk, MODE, SAME_CODES,
+                                             E8M0_SCALE, FMAX_MARGIN, POW2, EMAX, MX_MAX_FRAC, FAST_LIMIT)
+    tile_inv_t = fast_inv
+    tile_ok_t = True
+    if TWO_HEADS and (MODE_T == MODE_TILE_COLS):
+        tile_inv_t, tile_ok_t = _tile_groups_inv(span_col_amax, span_amax, scale_t_ptr, scale_t_ptr, pid_m, pid_k,
+                                                 offs_k, K, stride_tsm, stride_tsk, stride_tsm, stride_tsk, MODE_T,
+                                                 False, E8M0_SCALE, FMAX_MARGIN, POW2, EMAX, MX_MAX_FRAC, FAST_LIMIT)
     for c in range(0, TILE_M, CHUNK_M):
         offs_m = pid_m * TILE_M + c + tl.arange(0, CHUNK_M)
         x = _load_chunk(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
@@ -328,42 +401,41 @@ def _quantize_kernel(
             rand = 0
         if FAST:
             absx = tl.abs(x)
-            if BLOCK_ROWS:  # 1 x B groups: one per row of the chunk
-                row_peak = tl.reduce(absx, 1, max_propagating_nan)
+            if MODE == MODE_TILE_ROWS:  # 1 x B groups: one per row of the chunk
+                inv, ok, row_peak = _row_groups_inv(absx, offs_m, M, pid_k, scale_ptr, stride_sm, stride_sk,
+                                                    E8M0_SCALE, FMAX_MARGIN, POW2, EMAX, MX_MAX_FRAC, FAST_LIMIT)
                 row_peaks = max_propagating_nan(row_peaks, row_peak)
-                group_amax = row_peak[:, None]  # a NaN amax gives the scale of an Inf one (unusable: 1)
-                inv = _group_inv(group_amax, scale_ptr + offs_m[:, None] * stride_sm + pid_k * stride_sk,
-                                 (offs_m < M)[:, None], scale_ptr, False, E8M0_SCALE, FMAX_MARGIN, POW2, EMAX,
-                                 MX_MAX_FRAC)
-                bound = tl.reduce(tl.reduce(group_amax * inv, 1, max_propagating_nan), 0, max_propagating_nan)
-                chunk_ok = bound < FAST_LIMIT  # False for a NaN
-            elif BLOCK_TILE:
+            elif (MODE == MODE_TILE_COLS) or (MODE == MODE_TILE):
                 inv = tile_inv
-                chunk_ok = tile_ok
+                ok = tile_ok
             else:  # none / tensor: the chunk's max |x| bounds it
                 inv = fast_inv
                 peak = tl.reduce(tl.reduce(absx, 1, max_propagating_nan), 0, max_propagating_nan)
                 peak_amax = max_propagating_nan(peak_amax, peak)
-                chunk_ok = peak * tl.abs(inv) < FAST_LIMIT  # False for a NaN peak; |inv|: a given scale may be < 0
-            if chunk_ok:
-                _quantize_head(
-                    x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
-                    out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
-                    span_col_amax, span_amax, inv, tensor_scale, stride_sm, stride_sk,
-                    MODE, GIVEN_SCALE, E8M0_SCALE, False, SAME_CODES, HW_NEAREST, HW_MIDPOINT, True, not GLOBAL_ONE,
+                ok = peak * tl.abs(inv) < FAST_LIMIT  # False for a NaN peak; |inv|: a given scale may be < 0
+            overflow_count += _checked_head(
+                ok, x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
+                out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
+                span_col_amax, span_amax, inv, tensor_scale, stride_sm, stride_sk,
+                MODE, GIVEN_SCALE, E8M0_SCALE, False, SAME_CODES, HW_NEAREST, HW_MIDPOINT, not GLOBAL_ONE,
+                EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
+                MX_MAX_FRAC,
+            )
+            if TWO_HEADS:  # the transposed copy's own groups and bound
+                if MODE_T == MODE_TILE_ROWS:
+                    inv_t, ok_t, _ = _row_groups_inv(absx, offs_m, M, pid_k, scale_t_ptr, stride_tsm, stride_tsk,
+                                                     E8M0_SCALE, FMAX_MARGIN, POW2, EMAX, MX_MAX_FRAC, FAST_LIMIT)
+                else:
+                    inv_t = tile_inv_t
+                    ok_t = tile_ok_t
+                overflow_count_t += _checked_head(
+                    ok_t, x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
+                    out_t_ptr, out_t_ptr, scale_t_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
+                    span_col_amax, span_amax, inv_t, tensor_scale, stride_tsm, stride_tsk,
+                    MODE_T, GIVEN_SCALE, E8M0_SCALE, True, False, HW_NEAREST, HW_MIDPOINT, True,
                     EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
                     MX_MAX_FRAC,
                 )
-            else:
-                overflowed = _quantize_head(
-                    x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
-                    out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
-                    span_col_amax, span_amax, inv, tensor_scale, stride_sm, stride_sk,
-                    MODE, GIVEN_SCALE, E8M0_SCALE, False, SAME_CODES, HW_NEAREST, HW_MIDPOINT, False, not GLOBAL_ONE,
-                    EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
-                    MX_MAX_FRAC,
-                )
-                overflow_count += tl.sum(tl.sum(overflowed, axis=1), axis=0)  # a scalar: cheap to carry
         else:
             absx = abs_nan_as_inf(x)
             if RECORD_AMAX and not SPANS:  # with SPANS the first pass has the tile's amax
@@ -388,15 +460,17 @@ def _quantize_kernel(
                     EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
                     MX_MAX_FRAC,
                 )
-    if RECORD_AMAX and BLOCK_ROWS:
-        peak_amax = tl.reduce(row_peaks, 0, max_propagating_nan)
     if RECORD_AMAX and FAST and not SPANS:
+        if MODE == MODE_TILE_ROWS:
+            peak_amax = tl.reduce(row_peaks, 0, max_propagating_nan)
         tl.atomic_max(amax_ptr, tl.where(peak_amax != peak_amax, float("inf"), peak_amax))
     elif RECORD_AMAX and not SPANS:
         tl.atomic_max(amax_ptr, tl.max(tl.max(amax_acc, axis=1), axis=0))
     if FAST:
         tl.atomic_add(saturated_ptr, overflow_count)
-        if TRANSPOSE:
+        if TWO_HEADS:
+            tl.atomic_add(saturated_ptr + 1, overflow_count_t)
+        elif TRANSPOSE:
             tl.atomic_add(saturated_ptr + 1, overflow_count)
     else:
         tl.atomic_add(saturated_ptr, tl.sum(tl.sum(saturated, axis=1), axis=0))
@@ -459,7 +533,10 @@ def quantize_meta(fmt: Format, scaling: Scaling, rounding: str, saturate: bool, 
     hw = hardware_nearest and rounding == "nearest"
     fast = fast_path(mode, mode_t, transpose)
     if fast:  # a chunk's check is a block reduction (or none), so the chunks are larger
-        chunk_m = max(1, min(tile_m, FAST_CHUNK_ELEMENTS // tile_k))
+        # (half as large when both copies' own groups are live and the rounding is the integer one:
+        # up to 255 registers otherwise)
+        halved = transpose and mode_t != mode and not hw
+        chunk_m = max(1, min(tile_m, FAST_CHUNK_ELEMENTS // (2 if halved else 1) // tile_k))
     return dict(
         MODE=mode, MODE_T=mode_t, GIVEN_SCALE=given_scale, TRANSPOSE=transpose,
         RECORD_AMAX=not needs_prepass, E8M0_SCALE=scaling.is_mx, RAND4=k % 4 == 0,
@@ -475,12 +552,16 @@ def quantize_meta(fmt: Format, scaling: Scaling, rounding: str, saturate: bool, 
 def fast_path(mode: int, mode_t: int, transpose: bool) -> bool:
     """Whether the cast kernel bounds each chunk's scaled values and rounds the chunks that
     cannot overflow without the fix-ups (its FAST path): no scale, a tensor scale and block
-    scales (a row, column or square group), with a transposed copy only where it holds the same
-    codes (both copies share every group: none, tensor, square blocks). Row and column current
-    scaling read a prepass amax per row / column, which bounds nothing before the chunk is read."""
+    scales (a row, column or square group). With a transposed copy: where it holds the same codes
+    (both copies share every group: none, tensor, square blocks), or where each copy's groups are
+    bounded on their own (1 x B with B x 1). Row and column current scaling read a prepass amax
+    per row / column, which bounds nothing before the chunk is read."""
     if mode in (int(MODE_ROW), int(MODE_COL)):
         return False
-    return not transpose or (mode_t == mode and mode in (int(MODE_NONE), int(MODE_TENSOR), int(MODE_TILE)))
+    if not transpose or (mode_t == mode and mode in (int(MODE_NONE), int(MODE_TENSOR), int(MODE_TILE))):
+        return True
+    # 1 x B groups with the transposed copy's B x 1 ones (or the other way round): each bounded on its own
+    return {mode, mode_t} == {int(MODE_TILE_ROWS), int(MODE_TILE_COLS)}
 
 
 def fast_limit(fmt: Format, rounding: str) -> float:

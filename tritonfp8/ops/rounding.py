@@ -74,6 +74,7 @@ def round_to_code(
     STOCHASTIC: tl.constexpr,
     SATURATE: tl.constexpr,
     IN_RANGE: tl.constexpr = False,
+    COMPACT: tl.constexpr = True,
 ):
     """Round fp32 ``x`` to the format's grid; returns (int32 code with sign, overflow flag).
 
@@ -81,7 +82,9 @@ def round_to_code(
     flag marks finite inputs that rounded above the largest finite value. IN_RANGE: the
     caller knows every x is finite and cannot round above the largest finite value
     (stochastic: |x| <= max; nearest: |x| below the overflow midpoint), so the overflow,
-    Inf and NaN fix-ups are left out (the flag is then all False).
+    Inf and NaN fix-ups are left out (the flag is then all False). COMPACT (fp8 and fp16 targets):
+    fp32 subnormals take the normal-number formula (they round to zero either way), fewer
+    instructions; the fp8 GEMM epilogue passes False, as its registers grow with it (sm_90).
     """
     EMIN: tl.constexpr = 2 - (1 << (EXP_BITS - 1))
     SIGN: tl.constexpr = 1 << (EXP_BITS + MAN_BITS)
@@ -93,14 +96,21 @@ def round_to_code(
     mag = bits & 0x7FFFFFFF
     biased = mag >> 23
     frac = mag & 0x7FFFFF
-    # (Each branch is the form ptxas schedules best for those formats: fewer instructions and registers.)
-    if SUBNORMALS_VANISH:
+    # Three spellings of the same quantities, each the one ptxas schedules best where it is used
+    # (sm_90: fewest instructions, and registers of the kernels around it; see the SASS report).
+    if SUBNORMALS_VANISH and COMPACT:
         sig = frac | 0x800000
         e = biased - 127
         e_eff = tl.maximum(e, EMIN)
         below = e_eff - e  # bits dropped below the smallest exponent
         code_exp = e_eff - EMIN  # the code's exponent field
-    else:
+    elif SUBNORMALS_VANISH:
+        sig = tl.where(biased == 0, frac, frac | 0x800000)
+        e = tl.where(biased == 0, -126, biased - 127)
+        e_eff = tl.maximum(e, EMIN)
+        below = e_eff - e
+        code_exp = e_eff - EMIN
+    else:  # bf16: the count of dropped bits from the clamped biased exponent
         sig = tl.where(biased == 0, frac, frac | 0x800000)
         biased_eff = tl.maximum(biased, 1)  # fp32 subnormals share the smallest normal's exponent
         below = tl.maximum((EMIN + 127) - biased_eff, 0)
