@@ -31,6 +31,7 @@ MODES = [
     ("e4m3 1x128 nearest", dict(fmt="e4m3", scaling=(1, 128))),
     ("e4m3 1x128 nearest +T", dict(fmt="e4m3", scaling=(1, 128), transpose=True)),
     ("e4m3 128x128 nearest", dict(fmt="e4m3", scaling=(128, 128))),
+    ("e4m3 128x128 stochastic", dict(fmt="e4m3", scaling=(128, 128), rounding="stochastic", seed=1)),
     ("e4m3 mx nearest", dict(fmt="e4m3", scaling="mx")),
     ("e5m2 none nearest", dict(fmt="e5m2")),
     ("e5m2 none stochastic", dict(fmt="e5m2", rounding="stochastic", seed=1)),
@@ -83,6 +84,9 @@ def run(size: int) -> list[dict]:
         record("reference kernel hw-cvt cast e4m3", lambda: baseline.hw_cast(x))
         record("reference kernel hw-cvt cast e4m3 +T", lambda: baseline.hw_cast(x, transpose=True), True)
         record("reference kernel philox-per-4 stochastic cast e4m3", lambda: baseline.philox4_cast(x, 1))
+        for scaling, transpose in (((1, 128), False), ((1, 128), True), ((128, 128), False), ("mx", False)):
+            record(f"reference kernel hw-cvt block cast e4m3 {scaling}{' +T' if transpose else ''}",
+                   lambda s=scaling, t=transpose: baseline.hw_block_cast(x, s, "e4m3", t), transpose)
     return rows
 
 

@@ -218,6 +218,9 @@ def test_in_range_chunks_skip_the_fixups_and_keep_the_bits(rounding, fmt, scalin
     ((1, 32), "e4m3", "stochastic", False), ("mx", "e4m3", "nearest", False), ("mx", "e5m2", "stochastic", False),
     ((1, 128), "e4m3", "stochastic", True), ((1, 128), "e5m2", "nearest", True), ((128, 1), "e4m3", "nearest", True),
     ("mx", "e4m3", "stochastic", True),
+    # 16-bit inputs: the first pass takes its max in x's dtype
+    ((128, 128), "e4m3", "nearest", True, torch.bfloat16), ((128, 1), "e5m2", "stochastic", False, torch.bfloat16),
+    ((1, 128), "e4m3", "stochastic", True, torch.float16),
 ], ids=str)
 def test_in_range_block_chunks_skip_the_fixups_and_keep_the_bits(case):
     """Block and MX scales: the kernel bounds each row group of a chunk (1 x B) or the tile's groups
@@ -226,10 +229,12 @@ def test_in_range_block_chunks_skip_the_fixups_and_keep_the_bits(case):
     NaN and an Inf whose chunks (tiles) take the fix-ups: the reference's bits, scales, counts and
     amax. A (128, 128) transposed copy holds the same codes, transposed; the transposed copy of
     1 x B groups has B x 1 ones (and the other way round), each copy bounded on its own."""
-    scaling, fmt, rounding, transpose = case
+    scaling, fmt, rounding, transpose, *dtype = case
     f = {"e4m3": tf8.E4M3, "e5m2": tf8.E5M2}[fmt]
     x = _in_range_input(f, 260, 300)
     x[:, 130:140] *= f.max  # groups whose scaled max lands near max from either side of an ulp
+    if dtype:  # (no bf16 subnormals: Triton 3.6's interpreter converts them to fp32 wrongly)
+        x = torch.where(x.abs() < 2.0**-126, torch.zeros_like(x), x.clamp(-6e4, 6e4)).to(dtype[0])
     a, b = _both(x, fmt, rounding=rounding, scaling=scaling, seed=5, transpose=transpose)
     _assert_same(a, b)
     x[5, 3], x[200, 290] = float("nan"), float("inf")

@@ -90,13 +90,14 @@ def _hw_block_cast_kernel(x_ptr, out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, M, 
     pid_k = tl.program_id(1)
     offs_k = pid_k * TILE_K + tl.arange(0, TILE_K)
     if SQUARE or TRANSPOSE:  # groups spanning the tile's rows: a first pass for their max |x|
-        acc = tl.zeros([CHUNK_M, TILE_K], dtype=tl.float32)
+        ACC_DTYPE: tl.constexpr = x_ptr.dtype.element_ty if TILE_M > CHUNK_M else tl.float32  # as the shipped cast
+        acc = tl.zeros([CHUNK_M, TILE_K], dtype=ACC_DTYPE)
         for c in range(0, TILE_M, CHUNK_M):
             offs_m = pid_m * TILE_M + c + tl.arange(0, CHUNK_M)
             mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
-            acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
-        col_amax = tl.max(acc, axis=0)
+            acc = tl.maximum(acc, tl.abs(x.to(ACC_DTYPE))).to(ACC_DTYPE)
+        col_amax = tl.max(acc.to(tl.float32), axis=0)
         if SQUARE:  # one group: the tile (the transposed copy holds the same codes)
             inv, scale = _block_scale(tl.max(col_amax, axis=0), FMAX, E8M0, EMAX, MAX_FRAC, EXACT)
             tl.store(scale_ptr + pid_m * stride_sm + pid_k * stride_sk, scale)

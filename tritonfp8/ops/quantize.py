@@ -354,12 +354,16 @@ def _quantize_kernel(
     )
     span_col_amax = tl.zeros([TILE_K], dtype=tl.float32)
     if SPANS:  # max |x| per element of a chunk over the chunks (NaN-propagating), then across rows once
-        span_acc = tl.zeros([CHUNK_M, TILE_K], dtype=tl.float32)
+        # In x's own dtype where the tile has several chunks: a 16-bit max handles two values per
+        # instruction, and converts exactly. (A one-chunk tile is cheaper in fp32.)
+        ACC_DTYPE: tl.constexpr = x_ptr.dtype.element_ty if TILE_M > CHUNK_M else tl.float32
+        span_acc = tl.zeros([CHUNK_M, TILE_K], dtype=ACC_DTYPE)
         for c in range(0, TILE_M, CHUNK_M):
             offs_m = pid_m * TILE_M + c + tl.arange(0, CHUNK_M)
-            x = _load_chunk(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk)
-            span_acc = max_propagating_nan(span_acc, tl.abs(x))
-        span_col_amax = tl.reduce(span_acc, 0, max_propagating_nan)
+            mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+            span_acc = max_propagating_nan(span_acc, tl.abs(x.to(ACC_DTYPE))).to(ACC_DTYPE)
+        span_col_amax = tl.reduce(span_acc.to(tl.float32), 0, max_propagating_nan)
         span_col_amax = tl.where(span_col_amax != span_col_amax, float("inf"), span_col_amax)
     span_amax = tl.max(span_col_amax, axis=0)
     if RECORD_AMAX and SPANS:  # the first pass saw the whole tile: record its amax now (not live across pass 2)
