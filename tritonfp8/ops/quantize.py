@@ -491,6 +491,9 @@ def _quantize_kernel(
 # CHUNK_ELEMENTS values so that no configuration spills registers.
 DEFAULT_TILE = (64, 128)
 DEFAULT_TILE_TRANSPOSED = (64, 64)
+# Stochastic casts with one scale and a transposed copy are issue-bound: two 64-row chunks per tile
+# amortize the tile's end (its reductions, atomics) over twice the values (more registers: 164-180).
+STOCHASTIC_TILE_TRANSPOSED = (128, 64)
 CHUNK_ELEMENTS = 1024
 FAST_CHUNK_ELEMENTS = 4096  # chunks of the FAST path (its per-chunk check is a block reduction)
 ROW_GROUP_TILE_ELEMENTS = 4 * FAST_CHUNK_ELEMENTS  # a 1 x B block cast's tile: its end-of-tile reductions amortized
@@ -505,10 +508,13 @@ def _head_mode(scaling: Scaling) -> int:
     return {"none": 0, "tensor": 1, "row": 2, "col": 3}[scaling.kind]
 
 
-def quantize_tile(scaling: Scaling, transpose: bool, m: int = 1 << 30) -> tuple[int, int, int]:
+def quantize_tile(scaling: Scaling, transpose: bool, m: int = 1 << 30,
+                  rounding: str = "nearest") -> tuple[int, int, int]:
     """(TILE_M, TILE_K, CHUNK_M) of the cast kernel for an [m, K] view; a block's size fixes the tiled dims."""
     if scaling.kind not in ("block", "mx"):
         tile_m, tile_k = DEFAULT_TILE_TRANSPOSED if transpose else DEFAULT_TILE
+        if transpose and rounding == "stochastic" and scaling.kind in ("none", "tensor"):
+            tile_m, tile_k = STOCHASTIC_TILE_TRANSPOSED
         if m < tile_m:  # few rows (a vector, per-head rows): no empty chunks, longer rows instead
             if not transpose:
                 tile_k = min(1024, tile_k * tile_m // triton.next_power_of_2(m))
@@ -532,7 +538,7 @@ def quantize_meta(fmt: Format, scaling: Scaling, rounding: str, saturate: bool, 
     round to nearest through the hardware conversion (see :func:`hardware_nearest`)."""
     mode = _head_mode(scaling)
     mode_t = _head_mode(scaling.transposed()) if transpose else 0
-    tile_m, tile_k, chunk_m = quantize_tile(scaling, transpose, m)
+    tile_m, tile_k, chunk_m = quantize_tile(scaling, transpose, m, rounding)
     needs_prepass = not given_scale and (mode in _GLOBAL_MODES or mode_t in _GLOBAL_MODES)
     hw = hardware_nearest and rounding == "nearest"
     fast = fast_path(mode, mode_t, transpose)
@@ -1019,7 +1025,7 @@ def aot_specs():
 
     def spec(fmt, scaling, rounding, transpose, saturate=True, dtype=torch.float32, m=4096, hardware=False):
         sc = Scaling.parse(scaling)
-        tile_m, tile_k, _ = quantize_tile(sc, transpose, m)
+        tile_m, tile_k, _ = quantize_tile(sc, transpose, m, rounding)
         name = (f"quantize[{fmt.name},{sc},{rounding}{',T' if transpose else ''}{'' if saturate else ',nosat'},"
                 f"{_SHORT_NAMES[dtype]},tile={tile_m}x{tile_k}{',hw' if hardware else ''}]")
         # the hardware nearest conversion runs on sm_90+ only (hardware_nearest); sm_89 runs the integer path
