@@ -44,7 +44,7 @@ def test_hw_block_cast_scales_each_group(scaling, transpose, exact):
     g = torch.Generator().manual_seed(4)
     powers = torch.randint(-6, 7, (rows // gm, cols // gk), generator=g).float()
     grid = _grid_values((rows, cols), seed=5)
-    grid[::gm, ::gk] = 448.0  # each group's largest value (and, for 1 x 128, each column's: row 0)
+    grid[::gm, ::gk] = 448.0  # each group's largest value (1 x 128: columns 0 and 128 of every row)
     x = grid * torch.exp2(powers).repeat_interleave(gm, 0).repeat_interleave(gk, 1)
     out = baseline.hw_block_cast(x.to(KERNEL_DEVICE), scaling, "e4m3", transpose, exact)
     codes, scale = out[0].cpu(), out[1].cpu()

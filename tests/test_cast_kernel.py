@@ -241,6 +241,12 @@ def test_in_range_block_chunks_skip_the_fixups_and_keep_the_bits(case):
     a, b = _both(x, fmt, rounding=rounding, scaling=scaling, seed=5, transpose=transpose, saturate=False)
     _assert_same(a, b)
     assert b.amax.item() == float("inf")
+    # a negative margin scales groups to 4x max: overflows in chunks with and without Inf / NaN, each
+    # copy's counted on its own (the copies of 1 x B and B x 1 groups count differently)
+    a, b = _both(x, fmt, rounding=rounding, scaling=scaling, seed=5, transpose=transpose, margin=-2)
+    _assert_same(a, b)
+    if scaling != "mx":  # (MX scales ignore the margin: powers of two that never saturate)
+        assert int(b.saturated) > 0 and (not transpose or int(b.transposed.saturated) > 0)
 
 
 @pytest.mark.parametrize("given", [-1e-3, -0.0, 0.0, float("inf"), 2.0**-3])
@@ -251,3 +257,22 @@ def test_in_range_check_with_any_given_tensor_scale(given):
     for rounding in ("nearest", "stochastic"):
         a, b = _both(x, "e4m3", rounding=rounding, scaling="tensor", seed=3, scale=torch.tensor(given))
         _assert_same(a, b)
+
+
+@pytest.mark.parametrize("scaling", [(1, 32), (32, 32), (32, 1)], ids=str)
+def test_a_given_block_scale_takes_the_general_path(scaling):
+    """quantize() refuses given block scales, but the kernel's launcher can be handed one: the
+    FAST path would compute its own scales, so such a cast takes the general path and keeps the
+    reference's codes and the given scales (found in review)."""
+    from tritonfp8.ops import quantize as q
+
+    sc = tf8.Scaling.parse(scaling)
+    x = _input((70, 90))
+    scale = torch.rand(sc.scale_shape(70, 90), generator=torch.Generator().manual_seed(2)) + 0.5
+    assert not q.quantize_meta(tf8.E4M3, sc, "nearest", True, False, True, 0, False, 70, 90)["FAST"]
+    got = q._quantize_triton(x.to(KERNEL_DEVICE), tf8.E4M3, "nearest", sc, 0, True, False, scale.to(KERNEL_DEVICE),
+                             0, False)
+    want = q.quantize_reference(x, tf8.E4M3, "nearest", sc, 0, True, False, scale, 0, False)
+    assert torch.equal(got[0].cpu().view(torch.uint8), want[0].view(torch.uint8))
+    assert torch.equal(got[1].cpu(), want[1]) and torch.equal(got[1].cpu(), scale)
+    assert torch.equal(got[3].cpu(), want[3])

@@ -219,10 +219,13 @@ def hw_cast(x: torch.Tensor, fmt: str = "e4m3", transpose: bool = False):
 def hw_block_cast(x: torch.Tensor, scaling, fmt: str = "e4m3", transpose: bool = False, exact: bool = True):
     """x [M, K] -> fp8 codes [M, K] (and [K, M] with ``transpose``) with ``scaling``'s block
     scales ((1, B), (B, B) or "mx"), in the shipped cast kernel's tiles and chunks; ``exact``:
-    the scales by IEEE division (numerics.md's), else by Triton's approximate one."""
+    the scales by IEEE division (numerics.md's), else by Triton's approximate one. A minimal
+    kernel: an all-zero group gets an infinite inverse scale, NaN is not propagated."""
     from ..formats import get_format
 
     sc = Scaling.parse(scaling)
+    if sc.kind not in ("block", "mx") or sc.block[1] == 1:
+        raise ValueError(f"hw_block_cast takes (1, B), (B, B) or 'mx' blocks, not {scaling!r}")
     f = get_format(fmt)
     m, k = x.shape
     meta = quantize_meta(f, sc, "nearest", True, transpose, False, 0, False, m, k, hardware_nearest=True)

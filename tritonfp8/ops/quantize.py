@@ -112,7 +112,7 @@ def _quantize_head(
     chunk_inv, tensor_scale, stride_sm, stride_sk,
     MODE: tl.constexpr, GIVEN_SCALE: tl.constexpr, E8M0_SCALE: tl.constexpr, TRANSPOSED: tl.constexpr,
     ALSO_TRANSPOSED: tl.constexpr, HW_NEAREST: tl.constexpr, HW_MIDPOINT: tl.constexpr, BARE: tl.constexpr,
-    CALLER_INV: tl.constexpr,
+    CALLER_INV: tl.constexpr, BARE_SATURATES: tl.constexpr,
     EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, MAX_CODE: tl.constexpr,
     INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr,
     STOCHASTIC: tl.constexpr, SATURATE: tl.constexpr, POW2: tl.constexpr,
@@ -122,7 +122,8 @@ def _quantize_head(
     per element of the chunk, 0 outside the tensor).
 
     BARE: the chunk is known to hold no value that overflows, no Inf and no NaN, so nothing
-    is fixed up or counted: nearest casts on HW_NEAREST store the hardware conversion alone,
+    is fixed up or counted (BARE_SATURATES: no Inf and no NaN only; its overflows are saturated
+    or made Inf / NaN and counted, ``round_to_code(FINITE=True)``): nearest casts on HW_NEAREST store the hardware conversion alone,
     the others round with ``round_to_code(IN_RANGE=True)``.
 
     ``span_col_amax`` [TILE_K] and ``span_amax`` [] are the amaxes of groups that span
@@ -202,7 +203,7 @@ def _quantize_head(
         code, overflow = round_to_code_hw(y, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, SATURATE, HW_MIDPOINT)
     else:
         code, overflow = round_to_code(y, rand, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC,
-                                       SATURATE, BARE)
+                                       SATURATE, BARE and not BARE_SATURATES, FINITE=BARE and BARE_SATURATES)
     mask = in_m[:, None] & in_k[None, :]
     code8 = code.to(tl.uint8)  # transposed as bytes: a quarter of the shared-memory traffic of int32
     if TRANSPOSED:
@@ -258,30 +259,34 @@ def _checked_head(
     chunk_inv, tensor_scale, stride_sm, stride_sk,
     MODE: tl.constexpr, GIVEN_SCALE: tl.constexpr, E8M0_SCALE: tl.constexpr, TRANSPOSED: tl.constexpr,
     ALSO_TRANSPOSED: tl.constexpr, HW_NEAREST: tl.constexpr, HW_MIDPOINT: tl.constexpr, CALLER_INV: tl.constexpr,
+    BARE_SATURATES: tl.constexpr,
     EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, MAX_CODE: tl.constexpr,
     INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr,
     STOCHASTIC: tl.constexpr, SATURATE: tl.constexpr, POW2: tl.constexpr,
     FMAX_MARGIN: tl.constexpr, EMAX: tl.constexpr, MX_MAX_FRAC: tl.constexpr,
 ):
     """A FAST head: the chunk rounded without the fix-ups where ``ok`` (nothing in it can overflow,
-    no Inf, no NaN), with them elsewhere; returns its overflow count (int32 [])."""
+    no Inf, no NaN; BARE_SATURATES: no Inf, no NaN), with them elsewhere; returns its overflow
+    count (int32 [])."""
     count = tl.full([], 0, tl.int32)
     if ok:
-        _quantize_head(
+        overflowed = _quantize_head(
             x, absx, rand, offs_m, offs_k, pid_m, pid_k, first_chunk, M, K,
             out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
             span_col_amax, span_amax, chunk_inv, tensor_scale, stride_sm, stride_sk,
             MODE, GIVEN_SCALE, E8M0_SCALE, TRANSPOSED, ALSO_TRANSPOSED, HW_NEAREST, HW_MIDPOINT, True, CALLER_INV,
-            EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
+            BARE_SATURATES, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
             MX_MAX_FRAC,
         )
+        if BARE_SATURATES:
+            count = tl.sum(tl.sum(overflowed, axis=1), axis=0)
     else:
         overflowed = _quantize_head(
             x, absx, rand, offs_m, offs_k, pid_m, pid_k, first_chunk, M, K,
             out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
             span_col_amax, span_amax, chunk_inv, tensor_scale, stride_sm, stride_sk,
             MODE, GIVEN_SCALE, E8M0_SCALE, TRANSPOSED, ALSO_TRANSPOSED, HW_NEAREST, HW_MIDPOINT, False, CALLER_INV,
-            EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
+            False, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
             MX_MAX_FRAC,
         )
         count = tl.sum(tl.sum(overflowed, axis=1), axis=0)
@@ -308,6 +313,7 @@ def _quantize_kernel(
     MODE: tl.constexpr, MODE_T: tl.constexpr, GIVEN_SCALE: tl.constexpr,
     TRANSPOSE: tl.constexpr, RECORD_AMAX: tl.constexpr, E8M0_SCALE: tl.constexpr, RAND4: tl.constexpr,
     HW_NEAREST: tl.constexpr, HW_MIDPOINT: tl.constexpr, FAST: tl.constexpr, FAST_LIMIT: tl.constexpr,
+    BARE_SATURATES: tl.constexpr,
     # format and rounding
     EXP_BITS: tl.constexpr, MAN_BITS: tl.constexpr, MAX_CODE: tl.constexpr,
     INF_CODE: tl.constexpr, NAN_CODE: tl.constexpr,
@@ -340,11 +346,14 @@ def _quantize_kernel(
     only other chunks take them. The bound is the scaled NaN-propagating max |x| of the
     chunk (none / tensor) or of each row group in it (1 x B blocks), or of the tile's
     groups from the first pass (B x 1 and B x B blocks: one check per tile). The block
-    modes' scales are then computed once per chunk (rows) or per tile, here.
+    modes' scales are then computed once per chunk (rows) or per tile, here. BARE_SATURATES
+    (stochastic 1 x B / B x 1 groups, see quantize_meta): FAST_LIMIT is +inf, so the check only
+    excludes Inf and NaN, and the fix-up-free rounding saturates and counts its overflows.
     """
     GLOBAL_ONE: tl.constexpr = (MODE == MODE_NONE) or (MODE == MODE_TENSOR)
     SQUARE: tl.constexpr = MODE == MODE_TILE  # block shapes are (1, B), (B, 1) or (B, B)
-    SAME_CODES: tl.constexpr = TRANSPOSE and (MODE == MODE_T) and (GLOBAL_ONE or SQUARE)
+    SAME_CODES: tl.constexpr = TRANSPOSE and (MODE == MODE_T) and (GLOBAL_ONE or (SQUARE and FAST))
+    tl.static_assert(not FAST or ((MODE != MODE_ROW) and (MODE != MODE_COL)), "FAST: see fast_path")
     TWO_HEADS: tl.constexpr = FAST and TRANSPOSE and not SAME_CODES  # 1 x B with B x 1 groups (or B x 1 with 1 x B)
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -422,7 +431,7 @@ def _quantize_kernel(
                 out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
                 span_col_amax, span_amax, inv, tensor_scale, stride_sm, stride_sk,
                 MODE, GIVEN_SCALE, E8M0_SCALE, False, SAME_CODES, HW_NEAREST, HW_MIDPOINT, not GLOBAL_ONE,
-                EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
+                BARE_SATURATES, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
                 MX_MAX_FRAC,
             )
             if TWO_HEADS:  # the transposed copy's own groups and bound
@@ -437,7 +446,7 @@ def _quantize_kernel(
                     out_t_ptr, out_t_ptr, scale_t_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
                     span_col_amax, span_amax, inv_t, tensor_scale, stride_tsm, stride_tsk,
                     MODE_T, GIVEN_SCALE, E8M0_SCALE, True, False, HW_NEAREST, HW_MIDPOINT, True,
-                    EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
+                    BARE_SATURATES, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
                     MX_MAX_FRAC,
                 )
         else:
@@ -448,7 +457,7 @@ def _quantize_kernel(
                 x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
                 out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr, span_col_amax,
                 span_amax, fast_inv, tensor_scale, stride_sm, stride_sk,
-                MODE, GIVEN_SCALE, E8M0_SCALE, False, SAME_CODES, HW_NEAREST, HW_MIDPOINT, False, False,
+                MODE, GIVEN_SCALE, E8M0_SCALE, False, SAME_CODES, HW_NEAREST, HW_MIDPOINT, False, False, False,
                 EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
                 MX_MAX_FRAC,
             )
@@ -460,7 +469,7 @@ def _quantize_kernel(
                     x, absx, rand, offs_m, offs_k, pid_m, pid_k, c == 0, M, K,
                     out_t_ptr, out_t_ptr, scale_t_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
                     span_col_amax, span_amax, fast_inv, tensor_scale, stride_tsm, stride_tsk,
-                    MODE_T, GIVEN_SCALE, E8M0_SCALE, True, False, HW_NEAREST, HW_MIDPOINT, False, False,
+                    MODE_T, GIVEN_SCALE, E8M0_SCALE, True, False, HW_NEAREST, HW_MIDPOINT, False, False, False,
                     EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
                     MX_MAX_FRAC,
                 )
@@ -541,16 +550,25 @@ def quantize_meta(fmt: Format, scaling: Scaling, rounding: str, saturate: bool, 
     tile_m, tile_k, chunk_m = quantize_tile(scaling, transpose, m, rounding)
     needs_prepass = not given_scale and (mode in _GLOBAL_MODES or mode_t in _GLOBAL_MODES)
     hw = hardware_nearest and rounding == "nearest"
-    fast = fast_path(mode, mode_t, transpose)
+    fast = fast_path(mode, mode_t, transpose, given_scale)
+    # Stochastic row / column block groups under a computed scale that is no power of two: max |x|
+    # times the inverse scale exceeds the largest value by an fp32 ulp in about 1 group of 11, which
+    # can round up; most chunks would miss the fix-up-free path, so it saturates and counts itself
+    # and the chunk check only excludes Inf and NaN.
+    row_col = {int(MODE_TILE_ROWS), int(MODE_TILE_COLS)}
+    bare_saturates = (fast and rounding == "stochastic" and not scaling.is_mx and not power_of_two
+                      and (mode in row_col or (transpose and mode_t in row_col)))
     if fast:  # a chunk's check is a block reduction (or none), so the chunks are larger
-        # (half as large when both copies' own groups are live and the rounding is the integer one:
-        # up to 255 registers otherwise)
-        halved = transpose and mode_t != mode and not hw
-        chunk_m = max(1, min(tile_m, FAST_CHUNK_ELEMENTS // (2 if halved else 1) // tile_k))
+        # (smaller when both copies' own groups are live and the rounding is the integer one: up to
+        # 255 registers otherwise, and fp32 inputs of stochastic 128 x 1 casts spilled at 2048)
+        two_heads = transpose and mode_t != mode and not hw
+        shrink = (4 if rounding == "stochastic" else 2) if two_heads else 1
+        chunk_m = max(1, min(tile_m, FAST_CHUNK_ELEMENTS // shrink // tile_k))
     return dict(
         MODE=mode, MODE_T=mode_t, GIVEN_SCALE=given_scale, TRANSPOSE=transpose,
         RECORD_AMAX=not needs_prepass, E8M0_SCALE=scaling.is_mx, RAND4=k % 4 == 0,
-        HW_NEAREST=hw, HW_MIDPOINT=overflow_midpoint(fmt), FAST=fast, FAST_LIMIT=fast_limit(fmt, rounding),
+        HW_NEAREST=hw, HW_MIDPOINT=overflow_midpoint(fmt), FAST=fast,
+        FAST_LIMIT=math.inf if bare_saturates else fast_limit(fmt, rounding), BARE_SATURATES=bare_saturates,
         EXP_BITS=fmt.exp_bits, MAN_BITS=fmt.man_bits, MAX_CODE=fmt.max_code,
         INF_CODE=fmt.inf_code, NAN_CODE=fmt.nan_code,
         STOCHASTIC=rounding == "stochastic", SATURATE=saturate, POW2=power_of_two,
@@ -559,15 +577,16 @@ def quantize_meta(fmt: Format, scaling: Scaling, rounding: str, saturate: bool, 
     )
 
 
-def fast_path(mode: int, mode_t: int, transpose: bool) -> bool:
+def fast_path(mode: int, mode_t: int, transpose: bool, given_scale: bool = False) -> bool:
     """Whether the cast kernel bounds each chunk's scaled values and rounds the chunks that
     cannot overflow without the fix-ups (its FAST path): no scale, a tensor scale and block
     scales (a row, column or square group). With a transposed copy: where it holds the same codes
     (both copies share every group: none, tensor, square blocks), or where each copy's groups are
     bounded on their own (1 x B with B x 1). Row and column current scaling read a prepass amax
-    per row / column, which bounds nothing before the chunk is read."""
-    if mode in (int(MODE_ROW), int(MODE_COL)):
-        return False
+    per row / column, which bounds nothing before the chunk is read; given block scales (which
+    the public op refuses) take the general path, as the FAST path computes its scales."""
+    if mode in (int(MODE_ROW), int(MODE_COL)) or (given_scale and mode not in (int(MODE_NONE), int(MODE_TENSOR))):
+        return False  # (the block modes' FAST path computes its scales: a given one takes the general path)
     if not transpose or (mode_t == mode and mode in (int(MODE_NONE), int(MODE_TENSOR), int(MODE_TILE))):
         return True
     # 1 x B groups with the transposed copy's B x 1 ones (or the other way round): each bounded on its own

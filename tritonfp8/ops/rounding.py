@@ -75,6 +75,7 @@ def round_to_code(
     SATURATE: tl.constexpr,
     IN_RANGE: tl.constexpr = False,
     COMPACT: tl.constexpr = True,
+    FINITE: tl.constexpr = False,
 ):
     """Round fp32 ``x`` to the format's grid; returns (int32 code with sign, overflow flag).
 
@@ -82,7 +83,8 @@ def round_to_code(
     flag marks finite inputs that rounded above the largest finite value. IN_RANGE: the
     caller knows every x is finite and cannot round above the largest finite value
     (stochastic: |x| <= max; nearest: |x| below the overflow midpoint), so the overflow,
-    Inf and NaN fix-ups are left out (the flag is then all False). COMPACT (fp8 and fp16 targets):
+    Inf and NaN fix-ups are left out (the flag is then all False). FINITE: the caller knows every
+    x is finite: overflows are saturated (or made Inf / NaN) and flagged, Inf and NaN left out. COMPACT (fp8 and fp16 targets):
     fp32 subnormals take the normal-number formula (they round to zero either way), fewer
     instructions; the fp8 GEMM epilogue passes False, as its registers grow with it (sm_90).
     """
@@ -132,6 +134,9 @@ def round_to_code(
     code = (code_exp << MAN_BITS) + q + up.to(tl.int32)
     if IN_RANGE:
         overflow = up & (mag < 0)  # never: |x| is in range
+    elif FINITE:
+        overflow = code > MAX_CODE
+        code = tl.where(overflow, MAX_CODE if SATURATE else INF_CODE, code)
     else:
         finite = mag < 0x7F800000
         overflow = finite & (code > MAX_CODE)
