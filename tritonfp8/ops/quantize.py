@@ -123,7 +123,8 @@ def _quantize_head(
 
     BARE: the chunk is known to hold no value that overflows, no Inf and no NaN, so nothing
     is fixed up or counted (BARE_SATURATES: no Inf and no NaN only; its overflows are saturated
-    or made Inf / NaN and counted, ``round_to_code(FINITE=True)``): nearest casts on HW_NEAREST store the hardware conversion alone,
+    or made Inf / NaN and counted, ``round_to_code(FINITE=True)``): nearest casts on HW_NEAREST
+    store the hardware conversion alone,
     the others round with ``round_to_code(IN_RANGE=True)``.
 
     ``span_col_amax`` [TILE_K] and ``span_amax`` [] are the amaxes of groups that span
@@ -275,8 +276,8 @@ def _checked_head(
             out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
             span_col_amax, span_amax, chunk_inv, tensor_scale, stride_sm, stride_sk,
             MODE, GIVEN_SCALE, E8M0_SCALE, TRANSPOSED, ALSO_TRANSPOSED, HW_NEAREST, HW_MIDPOINT, True, CALLER_INV,
-            BARE_SATURATES, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
-            MX_MAX_FRAC,
+            BARE_SATURATES, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2,
+            FMAX_MARGIN, EMAX, MX_MAX_FRAC,
         )
         if BARE_SATURATES:
             count = tl.sum(tl.sum(overflowed, axis=1), axis=0)
@@ -431,8 +432,8 @@ def _quantize_kernel(
                 out_ptr, out_t_ptr, scale_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
                 span_col_amax, span_amax, inv, tensor_scale, stride_sm, stride_sk,
                 MODE, GIVEN_SCALE, E8M0_SCALE, False, SAME_CODES, HW_NEAREST, HW_MIDPOINT, not GLOBAL_ONE,
-                BARE_SATURATES, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
-                MX_MAX_FRAC,
+                BARE_SATURATES, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2,
+                FMAX_MARGIN, EMAX, MX_MAX_FRAC,
             )
             if TWO_HEADS:  # the transposed copy's own groups and bound
                 if MODE_T == MODE_TILE_ROWS:
@@ -446,8 +447,8 @@ def _quantize_kernel(
                     out_t_ptr, out_t_ptr, scale_t_ptr, scale_t_ptr, amax_ptr, amax_rows_ptr, amax_cols_ptr,
                     span_col_amax, span_amax, inv_t, tensor_scale, stride_tsm, stride_tsk,
                     MODE_T, GIVEN_SCALE, E8M0_SCALE, True, False, HW_NEAREST, HW_MIDPOINT, True,
-                    BARE_SATURATES, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2, FMAX_MARGIN, EMAX,
-                    MX_MAX_FRAC,
+                    BARE_SATURATES, EXP_BITS, MAN_BITS, MAX_CODE, INF_CODE, NAN_CODE, STOCHASTIC, SATURATE, POW2,
+                    FMAX_MARGIN, EMAX, MX_MAX_FRAC,
                 )
         else:
             absx = abs_nan_as_inf(x)

@@ -83,10 +83,11 @@ def round_to_code(
     flag marks finite inputs that rounded above the largest finite value. IN_RANGE: the
     caller knows every x is finite and cannot round above the largest finite value
     (stochastic: |x| <= max; nearest: |x| below the overflow midpoint), so the overflow,
-    Inf and NaN fix-ups are left out (the flag is then all False). FINITE: the caller knows every
-    x is finite: overflows are saturated (or made Inf / NaN) and flagged, Inf and NaN left out. COMPACT (fp8 and fp16 targets):
-    fp32 subnormals take the normal-number formula (they round to zero either way), fewer
-    instructions; the fp8 GEMM epilogue passes False, as its registers grow with it (sm_90).
+    Inf and NaN fix-ups are left out (the flag is then all False). FINITE: the caller knows
+    every x is finite: overflows are saturated (or made Inf / NaN) and flagged, the Inf and NaN
+    fix-ups left out. COMPACT (fp8 and fp16 targets): fp32 subnormals take the normal-number
+    formula (they round to zero either way), fewer instructions; the fp8 GEMM epilogue passes
+    False, as its registers grow with it (sm_90).
     """
     EMIN: tl.constexpr = 2 - (1 << (EXP_BITS - 1))
     SIGN: tl.constexpr = 1 << (EXP_BITS + MAN_BITS)
