@@ -231,13 +231,13 @@ def test_in_range_block_chunks_skip_the_fixups_and_keep_the_bits(case):
     1 x B groups has B x 1 ones (and the other way round), each copy bounded on its own."""
     scaling, fmt, rounding, transpose, *dtype = case
     f = {"e4m3": tf8.E4M3, "e5m2": tf8.E5M2}[fmt]
-    x = _in_range_input(f, 260, 300)
+    x = _in_range_input(f, 140, 260)  # 2 x 3 tiles of 128 x 128 (partial at both edges)
     x[:, 130:140] *= f.max  # groups whose scaled max lands near max from either side of an ulp
     if dtype:  # (no bf16 subnormals: Triton 3.6's interpreter converts them to fp32 wrongly)
         x = torch.where(x.abs() < 2.0**-126, torch.zeros_like(x), x.clamp(-6e4, 6e4)).to(dtype[0])
     a, b = _both(x, fmt, rounding=rounding, scaling=scaling, seed=5, transpose=transpose)
     _assert_same(a, b)
-    x[5, 3], x[200, 290] = float("nan"), float("inf")
+    x[5, 3], x[130, 250] = float("nan"), float("inf")
     a, b = _both(x, fmt, rounding=rounding, scaling=scaling, seed=5, transpose=transpose, saturate=False)
     _assert_same(a, b)
     assert b.amax.item() == float("inf")
