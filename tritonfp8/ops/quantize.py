@@ -173,11 +173,9 @@ def _quantize_head(
         else:
             owner = valid & first_chunk
         scale_ptrs = scale_ptr + gm * stride_sm + gk * stride_sk
-        if CALLER_INV:  # the FAST block modes' group scales, computed and stored by the kernel
+        if CALLER_INV or (MODE == MODE_TENSOR):  # computed once per program / chunk by the kernel
             inv = chunk_inv
-        elif MODE == MODE_TENSOR:  # one scale, computed once per program by the kernel
-            inv = chunk_inv
-            if not GIVEN_SCALE:
+            if (MODE == MODE_TENSOR) and not GIVEN_SCALE:  # (the FAST block modes' are stored already)
                 tl.store(scale_ptrs, tensor_scale, mask=owner)
                 if ALSO_TRANSPOSED:  # the transposed copy shares it
                     tl.store(scale_t_ptr, tensor_scale, mask=owner)
@@ -295,10 +293,11 @@ def _checked_head(
 
 
 @triton.jit
-def _load_chunk(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk):
+def _load_chunk(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk, DTYPE: tl.constexpr = tl.float32):
+    """A chunk of x (0 outside the tensor) as DTYPE."""
     mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
-    return x.to(tl.float32)
+    return x.to(DTYPE)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -370,9 +369,8 @@ def _quantize_kernel(
         span_acc = tl.zeros([CHUNK_M, TILE_K], dtype=ACC_DTYPE)
         for c in range(0, TILE_M, CHUNK_M):
             offs_m = pid_m * TILE_M + c + tl.arange(0, CHUNK_M)
-            mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
-            span_acc = max_propagating_nan(span_acc, tl.abs(x.to(ACC_DTYPE))).to(ACC_DTYPE)
+            x = _load_chunk(x_ptr, offs_m, offs_k, M, K, stride_xm, stride_xk, ACC_DTYPE)
+            span_acc = max_propagating_nan(span_acc, tl.abs(x)).to(ACC_DTYPE)
         span_col_amax = tl.reduce(span_acc.to(tl.float32), 0, max_propagating_nan)
         span_col_amax = tl.where(span_col_amax != span_col_amax, float("inf"), span_col_amax)
     span_amax = tl.max(span_col_amax, axis=0)

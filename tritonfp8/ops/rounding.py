@@ -135,18 +135,15 @@ def round_to_code(
     code = (code_exp << MAN_BITS) + q + up.to(tl.int32)
     if IN_RANGE:
         overflow = up & (mag < 0)  # never: |x| is in range
-    elif FINITE:
-        overflow = code > MAX_CODE
-        code = tl.where(overflow, MAX_CODE if SATURATE else INF_CODE, code)
     else:
-        finite = mag < 0x7F800000
-        overflow = finite & (code > MAX_CODE)
-        if SATURATE:
-            code = tl.where(overflow, MAX_CODE, code)
+        if FINITE:
+            overflow = code > MAX_CODE
         else:
-            code = tl.where(overflow, INF_CODE, code)
-        code = tl.where(mag == 0x7F800000, INF_CODE, code)
-        code = tl.where(mag > 0x7F800000, NAN_CODE, code)
+            overflow = (mag < 0x7F800000) & (code > MAX_CODE)
+        code = tl.where(overflow, MAX_CODE if SATURATE else INF_CODE, code)
+        if not FINITE:
+            code = tl.where(mag == 0x7F800000, INF_CODE, code)
+            code = tl.where(mag > 0x7F800000, NAN_CODE, code)
     code = code | tl.where(bits < 0, SIGN, 0)
     return code, overflow
 
